@@ -1,0 +1,37 @@
+"""`dgbatch run CONFIG [section.key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dgbatch import redact
+from dgbatch.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="dgbatch", description="Batch inference for DiffusionGemma on Ray.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run or resume a job")
+    run.add_argument("config", help="YAML job config (see configs/)")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. engine.batch_size=64")
+    args = ap.parse_args(argv)
+    return run_job(args.config, args.overrides)
+
+
+def run_job(config: str, overrides: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dgbatch import driver
+
+    try:
+        cfg = load_config(config, overrides)
+        redact.install(cfg)
+        return driver.run(cfg)
+    except ConfigError as e:
+        print(f"dgbatch: error: {redact.scrub(str(e))}", file=sys.stderr)
+        return driver.EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""What every generation backend takes and gives: token ids in, token ids plus per-row stats out.
+
+The pipeline only talks to `Backend`; transformers' `generate` (the reference) and dgbatch's own
+engine both implement it, so replicas and sharded multi-device groups plug in the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal, Protocol, Sequence
+
+FinishReason = Literal["eos", "length", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Fully resolved sampling settings (no unset fields)."""
+
+    max_new_tokens: int
+    max_denoising_steps: int
+    entropy_bound: float
+    t_min: float
+    t_max: float
+    stability_threshold: int
+    confidence_threshold: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class Request:
+    row_id: str
+    prompt_ids: list[int]
+
+
+@dataclass
+class Generation:
+    row_id: str
+    token_ids: list[int]  # generated tokens, EOS included when produced, no padding
+    finish_reason: FinishReason
+    num_decoder_forwards: int
+    tokens_per_forward: float
+
+
+class Backend(Protocol):
+    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        """One Generation per request, in request order."""
+        ...
+
+
+def row_seed(job_seed: int, row_id: str, *salt: int) -> int:
+    """A 63-bit seed from the job seed and a row id (and e.g. canvas, step): stable across runs."""
+    h = hashlib.blake2b(f"{job_seed}\x1f{row_id}\x1f{salt}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)

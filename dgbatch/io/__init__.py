@@ -1,0 +1,1 @@
+"""IO: URLs to filesystems (`fs`), exactly-once commits (`commit`)."""

@@ -1,0 +1,82 @@
+"""The reference backend: transformers' own `model.generate`, batch by batch.
+
+It is the yardstick the engine is held to, so it calls `generate` as a user would and derives
+nothing it does not have to.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from dgbatch.generation import Generation, Request, SamplingParams, row_seed
+
+
+class ReferenceBackend:
+    def __init__(self, model, params: SamplingParams, batch_size: int, pad_id: int, eos_ids: list[int]):
+        from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+        self.model = model
+        self.params = params
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.eos_ids = set(eos_ids)
+        self.generate_kwargs = dict(
+            max_new_tokens=params.max_new_tokens,
+            max_denoising_steps=params.max_denoising_steps,
+            sampler_config=EntropyBoundSamplerConfig(entropy_bound=float(params.entropy_bound)),
+            t_min=float(params.t_min),
+            t_max=float(params.t_max),
+            stability_threshold=params.stability_threshold,
+            confidence_threshold=float(params.confidence_threshold),
+            pad_token_id=pad_id,
+            eos_token_id=list(eos_ids),
+            return_dict_in_generate=True,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        # Similar lengths share a batch (less padding); the order is deterministic so a retry reproduces.
+        order = sorted(range(len(requests)), key=lambda i: (len(requests[i].prompt_ids), i))
+        out: list[Generation | None] = [None] * len(requests)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            for i, gen in zip(idx, self._generate_batch([requests[i] for i in idx])):
+                out[i] = gen
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _generate_batch(self, batch: list[Request]) -> list[Generation]:
+        width = max(len(r.prompt_ids) for r in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids) :] = 1
+        # generate draws from the global RNG; seed it from the batch's rows so a retried shard reproduces.
+        torch.manual_seed(row_seed(self.params.seed, "\x1e".join(r.row_id for r in batch)))
+        out = self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device), **self.generate_kwargs)
+        new = out.sequences[:, width:].cpu().tolist()
+        tpf = out.tokens_per_forward.cpu().tolist()
+        return [self._row(r, toks, t) for r, toks, t in zip(batch, new, tpf)]
+
+    def _row(self, req: Request, new: list[int], tpf: float) -> Generation:
+        valid = sum(t != self.pad_id for t in new)
+        cut = next((i + 1 for i, t in enumerate(new) if t in self.eos_ids), None)
+        if cut is not None and cut <= self.params.max_new_tokens:
+            toks, reason = new[:cut], "eos"
+        else:
+            toks, reason = new[: self.params.max_new_tokens], "length"
+        # transformers reports tokens/forward = valid tokens / this row's decoder forwards.
+        forwards = round(valid / tpf) if tpf > 0 else 0
+        return Generation(
+            row_id=req.row_id,
+            token_ids=[t for t in toks if t != self.pad_id],
+            finish_reason=reason,
+            num_decoder_forwards=forwards,
+            tokens_per_forward=float(tpf),
+        )

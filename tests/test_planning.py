@@ -1,0 +1,75 @@
+"""Planning: deterministic shards, length buckets that cut padding, O(shards) metadata."""
+
+import json
+import random
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from dgbatch import checkpoint, driver
+from dgbatch.io.fs import filesystem
+from dgbatch.io.layout import Layout
+from dgbatch.planning.buckets import auto_edges, bucket_of, padding_fraction
+from tests.conftest import write_prompts
+
+
+def mixed_prompts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return ["reverse " + "".join(rng.choice("abcdefgh") for _ in range(rng.choice([2, 5, 40, 90, 160, 230])))
+            for _ in range(n)]
+
+
+def plan(ray, cfg):
+    fs, root = filesystem(cfg.output.path)
+    model_dir = checkpoint.local_checkpoint(cfg.model)
+    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
+    max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
+    return driver.make_plan(ray, cfg, fs, Layout(root), model_dir, max_prompt), Layout(root)
+
+
+def padding(p) -> float:
+    computed = sum(s.padded_positions for s in p.shards)
+    return 1 - sum(s.prompt_tokens for s in p.shards) / computed
+
+
+def test_bucket_helpers():
+    assert auto_edges([10] * 50 + [100] * 50, 2) == [16]
+    assert [bucket_of(x, [16, 64]) for x in (1, 16, 17, 64, 65)] == [0, 0, 1, 1, 2]
+    assert padding_fraction([4, 4], 2) == 0 and abs(padding_fraction([1, 3], 2) - 1 / 3) < 1e-9
+
+
+def test_plan_is_deterministic(ray_local, tmp_path, job_config):
+    inp = tmp_path / "in"
+    for i in range(3):  # several files, several fragments each
+        write_prompts(inp / f"part-{i}.parquet", mixed_prompts(40, seed=i), extra=[str(j) for j in range(40)])
+    plans = []
+    for run in ("a", "b"):
+        cfg = job_config(inp, f"output.path={tmp_path / run}", "plan.fragment_rows=16", "plan.shard_rows=8",
+                         "model.max_prompt_tokens=400")
+        plans.append(plan(ray_local, cfg))
+    (pa, la), (pb, lb) = plans
+    assert [s.shard_id for s in pa.shards] == [s.shard_id for s in pb.shards]
+    assert pa.edges == pb.edges and len(pa.shards) > 10
+    assert sum(s.rows for s in pa.shards) == pa.num_rows == 120
+    for s in pa.shards:
+        ta, tb = (pq.read_table(layout.plan_shard(s.shard_id)) for layout in (la, lb))
+        assert ta.equals(tb)
+    ids = [i for s in pa.shards for i in pq.read_table(la.plan_shard(s.shard_id)).column("_dgb_id").to_pylist()]
+    assert sorted(ids) == sorted(f"part-{f}.parquet:{r}" for f in range(3) for r in range(40))
+    # A rerun reuses the stored plan rather than re-planning.
+    manifest = Path(la.plan_manifest)
+    before = manifest.stat().st_mtime_ns
+    again, _ = plan(ray_local, job_config(inp, f"output.path={tmp_path / 'a'}", "plan.fragment_rows=16",
+                                          "plan.shard_rows=8", "model.max_prompt_tokens=400"))
+    assert manifest.stat().st_mtime_ns == before and [s.shard_id for s in again.shards] == [s.shard_id for s in pa.shards]
+    assert json.loads(manifest.read_text())["fingerprint"]
+
+
+def test_bucketing_cuts_prompt_padding(ray_local, tmp_path, job_config):
+    path = write_prompts(tmp_path / "in.parquet", mixed_prompts(600, seed=7))
+    common = ["plan.shard_rows=64", "engine.batch_size=16", "model.max_prompt_tokens=400"]
+    bucketed, _ = plan(ray_local, job_config(path, f"output.path={tmp_path / 'b'}", *common))
+    flat, _ = plan(ray_local, job_config(path, f"output.path={tmp_path / 'f'}", "plan.bucket_edges=[]", *common))
+    assert len(bucketed.edges) >= 3 and flat.edges == []
+    assert padding(flat) > 0.4, padding(flat)
+    assert padding(bucketed) < 0.15, padding(bucketed)
