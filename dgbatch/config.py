@@ -75,8 +75,11 @@ class SamplingSection(Section):
 
 
 class EngineSection(Section):
-    backend: Literal["reference"] = Field("reference", description="'reference': transformers' generate.")
-    batch_size: int = Field(32, gt=0, description="Rows per static batch.")
+    backend: Literal["engine", "reference"] = Field(
+        "engine", description="'engine': dgbatch's own loop (slots, slot KV cache); 'reference': transformers' generate."
+    )
+    batch_size: int = Field(32, gt=0, description="Rows per static batch (the engine's slots).")
+    compile: bool = Field(False, description="Engine: torch.compile the denoising step (static shapes; for GPUs).")
 
 
 class PlanSection(Section):

@@ -15,6 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def build_backend(cfg: JobConfig, model, params, pad_id: int, eos_ids: list[int]):
+    if cfg.engine.backend == "engine":
+        from dgbatch.engine import EngineBackend
+
+        return EngineBackend(model, params, cfg.engine.batch_size, pad_id, eos_ids, compile=cfg.engine.compile)
     if cfg.engine.backend == "reference":
         from dgbatch.reference import ReferenceBackend
 

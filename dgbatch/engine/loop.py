@@ -1,0 +1,289 @@
+"""The generation loop: slots, prefill, denoise, commit, refill.
+
+A fixed number of slots (the static batch) each hold one row: its KV (in the slot cache), its
+current canvas, its own step counter, stability history and self-conditioning embeddings. Rows are
+not in lockstep: every row denoises with its own step count and temperature, and from the step
+after which its canvas converges (or runs out of steps) it costs no decoder compute:
+
+    loop:
+      refill  free slots take the next prompts of the queue
+      encode  one encoder pass (a few when lengths differ a lot) over the new prompts and the
+              canvases finished in the previous step; each of those rows starts a new canvas
+      denoise one decoder step + sampler over slots [0, n), n from a fixed set of batch sizes
+      finish  rows whose canvas is done: EOS / last canvas -> output, slot freed; otherwise the
+              canvas waits for the next encode (its commit)
+
+While the queue lasts every slot holds a denoising row, so every decoder row-forward is useful.
+When it runs dry, rows are compacted into the lowest slots so the decoder drops to a smaller batch
+size. The only host synchronisation per step is one [n, 1 + C] int64 copy (which rows are done,
+and their canvases), which scheduling needs.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from dgbatch.engine import rng
+from dgbatch.engine.outputs import finish, has_eos
+from dgbatch.engine.runner import ModelRunner
+from dgbatch.engine.sampler import accept_mask, draft, renoise, stop_and_update_history, temperature
+from dgbatch.generation import Generation, Request, SamplingParams
+
+
+@dataclass
+class EngineStats:
+    """Counters for the benchmark: slot utilization = useful / computed decoder row-forwards."""
+
+    decoder_calls: int = 0
+    computed_row_forwards: int = 0  # sum of decoder batch sizes
+    useful_row_forwards: int = 0  # row-forwards of rows still denoising (what TPF counts)
+    encoder_calls: int = 0
+    prefill_rows: int = 0
+    commit_rows: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # decoder batch size -> calls
+
+    @property
+    def slot_utilization(self) -> float:
+        return self.useful_row_forwards / max(1, self.computed_row_forwards)
+
+
+@dataclass
+class _Row:
+    index: int  # position in the request list
+    request: Request
+    pending: list[int] | None  # tokens waiting for the encoder: the prompt, then each finished canvas
+    canvases: list[list[int]] = field(default_factory=list)
+    forwards: int = 0  # decoder forwards this row took part in
+    length: int = 0  # committed tokens (mirrors the cache length)
+
+
+def batch_size_set(batch_size: int) -> tuple[int, ...]:
+    """batch_size and its halvings down to 1: the decoder's only batch shapes."""
+    sizes, b = {batch_size}, batch_size
+    while b > 1:
+        b //= 2
+        sizes.add(b)
+    return tuple(sorted(sizes))
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        params: SamplingParams,
+        batch_size: int,
+        pad_id: int,
+        eos_ids: Sequence[int],
+        *,
+        capacity: int | None = None,
+        compile: bool = False,
+        max_prefill_tokens: int = 8192,
+    ):
+        self.runner = ModelRunner(model)
+        self.params = params
+        self.num_slots = batch_size
+        self.pad_id = pad_id
+        self.eos_ids = set(eos_ids)
+        self.canvas = self.runner.canvas
+        self.max_canvases = -(-params.max_new_tokens // self.canvas)  # as `generate` computes it
+        self.sizes = batch_size_set(batch_size)
+        self.compile = compile
+        self.max_prefill_tokens = max_prefill_tokens
+        self.stats = EngineStats()
+        self.cache = None
+        self._capacity = capacity
+        self._step = torch.compile(self._denoise, mode="reduce-overhead", dynamic=False) if compile else self._denoise
+        self._alloc_state()
+
+    # ---- state ---------------------------------------------------------------------------------
+
+    def _alloc_state(self) -> None:
+        s, c, dev = self.num_slots, self.canvas, self.runner.device
+        self.tokens = torch.zeros((s, c), dtype=torch.int64, device=dev)  # [S, C] current (noisy) canvas
+        self.soft = torch.zeros((s, c, self.runner.hidden_size), dtype=self.runner.dtype, device=dev)  # [S, C, hidden]
+        k = self.params.stability_threshold
+        self.history = torch.full((s, k, c), -1, dtype=torch.int64, device=dev)  # [S, K, C] last argmax canvases
+        self.steps = torch.zeros(s, dtype=torch.int64, device=dev)  # [S] steps done in this canvas
+        self.canvas_idx = torch.zeros(s, dtype=torch.int64, device=dev)  # [S] which canvas of the row
+        self.keys = torch.zeros((s, 2), dtype=torch.int64, device=dev)  # [S, 2] per-row RNG key
+        self.active = torch.zeros(s, dtype=torch.bool, device=dev)  # [S] slot holds a denoising row
+        self.rows: list[_Row | None] = [None] * s
+        if self.compile:
+            self._mark_static(
+                [self.tokens, self.soft, self.history, self.steps, self.canvas_idx, self.keys, self.active]
+            )
+
+    def _ensure_cache(self, requests: Sequence[Request]) -> None:
+        """Slot capacity = longest prompt + the canvases that get committed (never the last one)."""
+        need = max(len(r.prompt_ids) for r in requests) + (self.max_canvases - 1) * self.canvas
+        need = max(need, self._capacity or 0)
+        if self.cache is None or self.cache.capacity < need:
+            need = -(-need // 64) * 64  # round up: fewer reallocations, fewer compiled shapes
+            self.cache = self.runner.new_cache(self.num_slots, need)
+            if self.compile:
+                self._mark_static(self.cache.keys + self.cache.values + [self.cache.lengths])
+
+    @staticmethod
+    def _mark_static(tensors) -> None:
+        """Fixed addresses let CUDA graphs replay the in-place cache and state writes."""
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
+
+    def _reset_canvas(self, slots: torch.Tensor, canvas_idx: torch.Tensor) -> None:
+        """Start canvas `canvas_idx` [N] in `slots` [N]: uniform tokens, step 0, no history or self-conditioning."""
+        zero = torch.zeros_like(canvas_idx)
+        self.tokens[slots] = rng.random_tokens(
+            self.keys[slots], canvas_idx, zero, rng.STREAM_INIT, self.canvas, self.runner.vocab_size
+        )
+        self.canvas_idx[slots] = canvas_idx
+        self.steps[slots] = 0
+        self.history[slots] = -1
+        self.soft[slots] = 0
+        self.active[slots] = True
+
+    def _bound(self, lengths: Iterable[int]) -> int | None:
+        """An upper bound on committed lengths, in steps of 64 (few shapes); None (all) when compiled."""
+        if self.compile:
+            return None
+        return -(-max(max(lengths), 1) // 64) * 64
+
+    # ---- phases --------------------------------------------------------------------------------
+
+    def _refill(self, queue: deque) -> None:
+        """Free slots take the next prompts; their KV is written by the next `_encode`."""
+        for s in range(self.num_slots):
+            if not queue:
+                return
+            if self.rows[s] is None:
+                i, req = queue.popleft()
+                self.rows[s] = _Row(i, req, pending=list(req.prompt_ids))
+                self.cache.lengths[s] = 0
+                self.keys[s] = torch.tensor(rng.row_key(self.params.seed, req.row_id))
+                self.stats.prefill_rows += 1
+
+    def _encode(self) -> None:
+        """Encode every pending prompt and finished canvas, then start those rows' next canvases.
+
+        Rows are packed by length into few passes: padded tokens at most 1.5x the real ones (the
+        encoder's cost is mostly per token), and at most `max_prefill_tokens` per pass."""
+        todo = sorted((len(r.pending), s) for s, r in enumerate(self.rows) if r is not None and r.pending is not None)
+        chunk: list[int] = []
+        real = 0
+        for t, s in todo:  # ascending length: t is the padded width if s joins
+            padded = t * (len(chunk) + 1)
+            if chunk and (padded > 1.5 * (real + t) or padded > self.max_prefill_tokens):
+                self._encode_pass(chunk)
+                chunk, real = [], 0
+            chunk.append(s)
+            real += t
+        if chunk:
+            self._encode_pass(chunk)
+
+    def _encode_pass(self, slots: list[int]) -> None:
+        dev = self.runner.device
+        rows = [self.rows[s] for s in slots]
+        ids = torch.full((len(rows), max(len(r.pending) for r in rows)), self.pad_id, dtype=torch.int64)
+        for b, r in enumerate(rows):
+            ids[b, : len(r.pending)] = torch.tensor(r.pending)
+        slot_t = torch.tensor(slots, device=dev)
+        new = torch.tensor([len(r.pending) for r in rows], device=dev)
+        self.runner.encode(self.cache, slot_t, ids.to(dev), new, max_len=self._bound(r.length for r in rows))
+        self._reset_canvas(slot_t, torch.tensor([len(r.canvases) for r in rows], device=dev))
+        for r in rows:
+            self.stats.commit_rows += bool(r.canvases)
+            r.length += len(r.pending)
+            r.pending = None
+        self.stats.encoder_calls += 1
+
+    def _denoise(self, n: int, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One denoising step for slots [0, n) whose committed lengths are <= max_len (None: any).
+
+        Returns (done [n] bool, argmax canvas [n, C]). Slots without a denoising row compute scratch.
+        """
+        p = self.params
+        keys, cidx, steps = self.keys[:n], self.canvas_idx[:n], self.steps[:n]
+        logits = self.runner.decode(self.cache, n, self.tokens[:n], self.soft[:n], max_len)  # [n, C, V] fp32
+        u = rng.uniform(keys, cidx, steps, rng.STREAM_SAMPLE, self.canvas)  # [n, C]
+        d = draft(logits, temperature(steps, p), u, self.runner)
+        del logits
+        accepted = accept_mask(d.entropy, p.entropy_bound)  # [n, C]
+        noise = rng.random_tokens(keys, cidx, steps, rng.STREAM_RENOISE, self.canvas, self.runner.vocab_size)
+        stop, history = stop_and_update_history(self.history[:n], d.argmax, d.entropy, p)
+        self.tokens[:n] = renoise(d.denoised, accepted, noise)
+        self.soft[:n] = d.soft
+        self.history[:n] = history
+        self.steps[:n] += 1
+        done = self.active[:n] & (stop | (self.steps[:n] >= p.max_denoising_steps))
+        return done, d.argmax
+
+    def _finish(self, done_slots: list[int], host: list[list[int]]) -> list[tuple[int, Generation]]:
+        """Rows whose canvas holds EOS, or was their last, are output and leave their slot; the
+        others' canvases wait for the next `_encode`."""
+        out = []
+        for s in done_slots:
+            row = self.rows[s]
+            canvas = host[s][1:]
+            row.canvases.append(canvas)
+            if has_eos(canvas, self.eos_ids) or len(row.canvases) == self.max_canvases:
+                gen = finish(row.request.row_id, row.canvases, row.forwards, self.params, self.pad_id, self.eos_ids)
+                out.append((row.index, gen))
+                self.rows[s] = None
+            else:
+                row.pending = canvas
+        self.active[torch.tensor(done_slots, device=self.runner.device)] = False
+        return out
+
+    def _compact(self) -> None:
+        """Queue dry: move rows into the lowest slots so a smaller decoder batch size covers them."""
+        used = [s for s in range(self.num_slots) if self.rows[s] is not None]
+        if not used:
+            return
+        target = next(b for b in self.sizes if b >= len(used))
+        movers = [s for s in used if s >= target]
+        holes = [s for s in range(target) if self.rows[s] is None]
+        for src, dst in zip(movers, holes):
+            self.cache.move(src, dst)
+            for t in (self.tokens, self.soft, self.history, self.steps, self.canvas_idx, self.keys, self.active):
+                t[dst] = t[src]
+            self.active[src] = False
+            self.rows[dst], self.rows[src] = self.rows[src], None
+
+    # ---- driver --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, requests: Sequence[Request]) -> list[Generation]:
+        """Generate every request; outputs in request order."""
+        if not requests:
+            return []
+        empty = [r.row_id for r in requests if not r.prompt_ids]
+        if empty:
+            raise ValueError(f"{len(empty)} request(s) have an empty prompt, e.g. row {empty[0]!r}")
+        self._ensure_cache(requests)
+        queue = deque(enumerate(requests))
+        out: list[Generation | None] = [None] * len(requests)
+        while queue or any(r is not None for r in self.rows):
+            self._refill(queue)
+            self._encode()
+            if not queue:
+                self._compact()
+            live = [s for s in range(self.num_slots) if self.rows[s] is not None]
+            n = next(b for b in self.sizes if b > live[-1])
+            if self.compile:
+                torch.compiler.cudagraph_mark_step_begin()
+            done, argmax = self._step(n, self._bound(self.rows[s].length for s in live))
+            host = torch.cat([done[:, None].long(), argmax], dim=1).tolist()  # the step's one sync
+            for s in live:
+                self.rows[s].forwards += 1
+            self.stats.decoder_calls += 1
+            self.stats.computed_row_forwards += n
+            self.stats.useful_row_forwards += len(live)
+            self.stats.batch_sizes[n] = self.stats.batch_sizes.get(n, 0) + 1
+            done_slots = [s for s in live if host[s][0]]
+            if done_slots:
+                for i, gen in self._finish(done_slots, host):
+                    out[i] = gen
+        return out  # type: ignore[return-value]

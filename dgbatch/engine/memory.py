@@ -1,0 +1,106 @@
+"""Peak-memory model of the engine, and the default batch size it implies.
+
+Peak = weights
+     + slots x (KV per slot + state per slot)
+     + the largest transient of one loop iteration, per decoder row:
+         logits:      two fp32 [C, V] buffers (processed logits, then softmax/CDF; the sampler never
+                      holds a third) + one [C, V] copy in the model dtype when that is not fp32
+                      (the lm_head output, and the cast transformers applies before self-conditioning)
+         activations: the decoder's working set: ~8 [C, hidden] hidden-state copies, the dense MLP
+                      and the top-k experts' intermediates, and fp32 attention scores [Hq, C, L]
+                      (what SDPA's math kernel materialises; fused kernels need less)
+     + one prefill chunk: `max_prefill_tokens` tokens of encoder activations and their
+       causal attention scores.
+
+KV per slot = sum over layers of 2 (K, V) x kv_heads x (P + C) x head_dim x dtype bytes, where
+P = the slot capacity (prompt + committed canvases) on full-attention layers and W - 1 on sliding
+layers: a sliding layer's KV does not grow with the context.
+
+At real scale the logits dominate: one fp32 [256, 262144] row is 268 MB, so a row costs ~0.54 GB
+of sampler buffers against ~0.1 GB of KV for a 4k context; hence the model is used to pick the
+batch size rather than a fixed number.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dgbatch.engine.cache import layer_specs
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Bytes, per component; `peak(b)` is the estimated high-water mark with b slots."""
+
+    weights: int
+    kv_per_slot: int
+    state_per_slot: int
+    logits_per_row: int
+    activations_per_row: int
+    prefill: int
+
+    def peak(self, batch_size: int) -> int:
+        per_row = self.kv_per_slot + self.state_per_slot + self.logits_per_row + self.activations_per_row
+        return self.weights + batch_size * per_row + self.prefill
+
+
+def _unique_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def memory_model(model, capacity: int, max_prefill_tokens: int = 8192, stability_threshold: int = 1) -> MemoryModel:
+    """The engine's memory model for `model` with slots of `capacity` committed tokens."""
+    text = model.config.get_text_config()
+    canvas, vocab, hidden = model.config.canvas_length, text.vocab_size, text.hidden_size
+    dtype = model.model.decoder.embed_tokens.weight.dtype
+    nbytes = torch.finfo(dtype).bits // 8
+    ring = max(1, min(text.sliding_window - 1, capacity))
+    specs = layer_specs(model)
+    kv = sum(2 * s.kv_heads * ((ring if s.sliding else capacity) + canvas) * s.head_dim * nbytes for s in specs)
+    state = canvas * (hidden * nbytes + 8 * (2 + stability_threshold)) + 64
+    logits = canvas * vocab * (8 + (0 if dtype == torch.float32 else nbytes))
+    heads = text.num_attention_heads
+    moe = text.top_k_experts * 2 * (text.moe_intermediate_size or 0) if getattr(text, "num_experts", None) else 0
+    ffn = 2 * text.intermediate_size + moe
+    acts = canvas * (8 * hidden + ffn) * nbytes + heads * canvas * (capacity + canvas) * 4
+    t = max(1, min(max_prefill_tokens, capacity))
+    prefill = max_prefill_tokens * (8 * hidden + ffn) * nbytes + heads * max_prefill_tokens * t * 4
+    weights = _unique_bytes(list(model.parameters()) + list(model.buffers()))
+    return MemoryModel(weights, kv, state, logits, acts, prefill)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory the engine may still allocate: free device memory on CUDA, available RAM on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def default_batch_size(
+    model,
+    capacity: int,
+    *,
+    budget_bytes: int | None = None,
+    fraction: float = 0.85,
+    max_batch_size: int = 256,
+    max_prefill_tokens: int = 8192,
+) -> int:
+    """The largest power of two whose estimated peak (beyond the already loaded weights) fits in
+    `fraction` of the budget (default: what the model's device has free). At least 1."""
+    mm = memory_model(model, capacity, max_prefill_tokens)
+    if budget_bytes is None:
+        budget_bytes = available_bytes(next(model.parameters()).device)
+    budget = fraction * budget_bytes
+    b = 1
+    while b * 2 <= max_batch_size and mm.peak(b * 2) - mm.weights <= budget:
+        b *= 2
+    return b

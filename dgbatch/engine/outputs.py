@@ -1,0 +1,36 @@
+"""A row's committed canvases -> `Generation`, counted exactly as transformers and the reference do.
+
+transformers pads everything after the first EOS of the finishing canvas, counts tokens_per_forward
+as non-pad generated tokens (all canvases, even past max_new_tokens) over the row's decoder forwards,
+and `ReferenceBackend` then cuts the output at EOS or max_new_tokens and drops pad tokens.
+"""
+
+from __future__ import annotations
+
+from dgbatch.generation import Generation, SamplingParams
+
+
+def has_eos(canvas: list[int], eos_ids: set[int]) -> bool:
+    """`EosTokenCriteria` over a whole canvas: the row finishes with this canvas."""
+    return any(t in eos_ids for t in canvas)
+
+
+def finish(
+    row_id: str, canvases: list[list[int]], forwards: int, params: SamplingParams, pad_id: int, eos_ids: set[int]
+) -> Generation:
+    new = [t for c in canvases for t in c]
+    cut = next((i + 1 for i, t in enumerate(new) if t in eos_ids), None)
+    if cut is not None:
+        new[cut:] = [pad_id] * (len(new) - cut)  # `_finalize_canvas`: pad after the first EOS
+    valid = sum(t != pad_id for t in new)
+    if cut is not None and cut <= params.max_new_tokens:
+        toks, reason = new[:cut], "eos"
+    else:
+        toks, reason = new[: params.max_new_tokens], "length"
+    return Generation(
+        row_id=row_id,
+        token_ids=[t for t in toks if t != pad_id],
+        finish_reason=reason,
+        num_decoder_forwards=forwards,
+        tokens_per_forward=valid / forwards if forwards else 0.0,
+    )

@@ -1,0 +1,148 @@
+"""Helpers for the engine tests: tiny random models, the trained toy checkpoint, and transformers'
+own encoder/decoder passes as the oracle."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from dgbatch.toy.model import build_toy_model
+
+CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "toy-diffusiongemma"
+
+
+def random_model(vocab: int = 97, *, layers: int = 4, sliding_window: int = 12, seed: int = 0):
+    """A random toy DiffusionGemma in fp32 eval mode; a small window so contexts exceed it."""
+    torch.manual_seed(seed)
+    return build_toy_model(vocab, hidden=64, layers=layers, sliding_window=sliding_window).eval()
+
+
+def trained_checkpoint():
+    """The trained toy checkpoint (model, tokenizer), or skip if it has not been saved yet."""
+    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
+    if not (CHECKPOINT / "model.safetensors").is_file():
+        pytest.skip(f"no trained toy checkpoint at {CHECKPOINT}")
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(str(CHECKPOINT)).eval()
+    return model, AutoTokenizer.from_pretrained(str(CHECKPOINT))
+
+
+class TransformersOracle:
+    """Drives transformers' encoder and decoder exactly as `generate` does (DynamicCache, shared
+    positions, left padding through the 2D masks), so the engine's passes can be compared to it."""
+
+    def __init__(self, model, prompts: list[list[int]], pad_id: int = 0):
+        from transformers import DynamicCache
+
+        self.model = model
+        width = max(len(p) for p in prompts)
+        self.ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        self.mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            self.ids[i, width - len(p) :] = torch.tensor(p)
+            self.mask[i, width - len(p) :] = True
+        self.cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        self.cur_len = 0
+        self._encode(self.ids)
+
+    def _encode(self, ids: torch.Tensor) -> None:
+        enc = self.model.model.encoder
+        pos = torch.arange(self.cur_len, self.cur_len + ids.shape[1], dtype=torch.int32).unsqueeze(0)
+        dummy = torch.empty((ids.shape[0], ids.shape[1], 0), dtype=self.model.dtype)
+        masks = enc.create_masks_for_generate(
+            config=self.model.config,
+            inputs_embeds=dummy,
+            attention_mask=self.mask,
+            past_key_values=self.cache,
+            position_ids=pos,
+        )
+        enc(input_ids=ids, attention_mask=masks, past_key_values=self.cache, position_ids=pos)
+        self.cur_len += ids.shape[1]
+
+    def commit(self, canvas: torch.Tensor) -> None:
+        """Append a canvas [B, C] to every row, as generate does between canvases."""
+        self.mask = torch.nn.functional.pad(self.mask, (0, canvas.shape[1]), value=True)
+        self._encode(canvas)
+
+    def decode(self, canvas: torch.Tensor, sc_logits: torch.Tensor | None) -> torch.Tensor:
+        c = canvas.shape[1]
+        dec_mask = torch.nn.functional.pad(self.mask, (0, c), value=True)
+        masks = self.model.model.decoder.create_diffusion_decoder_attention_mask(
+            config=self.model.config,
+            inputs_embeds=canvas.unsqueeze(-1),
+            past_key_values=self.cache,
+            decoder_attention_mask=dec_mask,
+        )
+        pos = torch.arange(self.cur_len, self.cur_len + c, dtype=torch.int32).unsqueeze(0)
+        out = self.model(
+            decoder_input_ids=canvas,
+            self_conditioning_logits=sc_logits,
+            decoder_attention_mask=masks,
+            past_key_values=self.cache,
+            decoder_position_ids=pos,
+        )
+        return out.logits
+
+
+@contextmanager
+def generate_with_engine_draws(model, reference):
+    """Make transformers' `generate` (behind `reference`, a ReferenceBackend) draw the same random
+    numbers as the engine: each row's initial canvas, denoiser sample and renoising tokens come from
+    the engine's per-row hash at (row, canvas, step) instead of the global generator.
+
+    Everything else is transformers' own loop, so row-for-row equal outputs show that the engine
+    runs the same algorithm, not only one with the same statistics. Test-only patching."""
+    from transformers.models.diffusion_gemma import generation_diffusion_gemma as gen
+
+    from dgbatch.engine import rng
+
+    params = reference.params
+    c, v = model.config.canvas_length, model.config.text_config.vocab_size
+    state = {"keys": None, "canvas": -1, "step": 0}
+
+    def draw_ids(n):
+        k = torch.full((n,), state["canvas"], dtype=torch.long)
+        return state["keys"], k, torch.full((n,), state["step"], dtype=torch.long)
+
+    def initialize_canvas(self, batch_size, device):
+        state["canvas"] += 1
+        state["step"] = 0
+        return rng.random_tokens(*draw_ids(batch_size), rng.STREAM_INIT, c, v).to(device)
+
+    def renoise_canvas(self, accepted_canvas, cur_step):
+        noise = rng.random_tokens(*draw_ids(accepted_canvas.shape[0]), rng.STREAM_RENOISE, c, v)
+        return torch.where(self.accepted_token_mask, accepted_canvas, noise.to(accepted_canvas.device))
+
+    def multinomial(probs, num_samples=1, **kw):
+        u = rng.uniform(*draw_ids(probs.shape[0] // c), rng.STREAM_SAMPLE, c).reshape(-1, 1)
+        cdf = probs.cumsum(-1)
+        return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)
+
+    denoising_step = model._denoising_step
+
+    def step(*args, cur_step, **kwargs):
+        state["step"] = params.max_denoising_steps - cur_step
+        return denoising_step(*args, cur_step=cur_step, **kwargs)
+
+    generate_batch = reference._generate_batch
+
+    def batch(rows):
+        state["keys"] = torch.tensor([rng.row_key(params.seed, r.row_id) for r in rows])
+        state["canvas"] = -1
+        return generate_batch(rows)
+
+    saved = (gen.EntropyBoundSampler.initialize_canvas, gen.EntropyBoundSampler.renoise_canvas, torch.multinomial)
+    gen.EntropyBoundSampler.initialize_canvas, gen.EntropyBoundSampler.renoise_canvas = (
+        initialize_canvas,
+        renoise_canvas,
+    )
+    torch.multinomial = multinomial
+    model._denoising_step, reference._generate_batch = step, batch
+    try:
+        yield
+    finally:
+        gen.EntropyBoundSampler.initialize_canvas, gen.EntropyBoundSampler.renoise_canvas, torch.multinomial = saved
+        del model._denoising_step, reference._generate_batch
