@@ -155,6 +155,8 @@ def run(cfg: JobConfig) -> int:
         print(f"resuming: {len(committed)} of {len(plan.shards)} shards already committed, {len(todo)} to run")
 
     # 3. Replicas pull shards from one queue; a dead replica's shard goes back on it.
+    if fs.exists(layout.failed()):  # last run's failures are retried now; this run records its own
+        fs.rm(layout.failed(), recursive=True)
     failed: dict[str, str] = {}
     if todo:
         failed = schedule(ray, cfg, layout, job_meta(cfg, params), todo, progress, base_rows)
@@ -291,7 +293,7 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
 
 def _fmt(s: dict) -> str:
     tpf = s["tokens_per_forward"]
-    f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    f = lambda v: "n/a" if v is None else f"{v:.2f}"
     return (f"{s['rows']:,} rows, {s['output_tokens']:,} output tokens, tokens/forward mean {f(tpf['mean'])} "
             f"p50 {f(tpf['p50'])} p90 {f(tpf['p90'])}, {s['failed_rows']} failed rows, "
             f"{len(s['failed_shards'])} failed shards, {s['wall_time_s']:.1f}s")

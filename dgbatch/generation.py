@@ -7,8 +7,9 @@ engine both implement it, so replicas and sharded multi-device groups plug in th
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import Literal, Protocol
 
 FinishReason = Literal["eos", "length", "error"]
 

@@ -6,7 +6,7 @@ nothing it does not have to.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

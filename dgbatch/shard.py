@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq

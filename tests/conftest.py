@@ -206,3 +206,26 @@ def read_output(root: Path | str, **storage_options):
         fs = s3fs.S3FileSystem(**storage_options, skip_instance_cache=True)
         return ds.dataset(str(root).removeprefix("s3://") + "/data", filesystem=fs, format="parquet").to_table()
     return ds.dataset(Path(root) / "data", format="parquet").to_table()
+
+
+def engine_reproduction(cfg, out_root: Path) -> dict[str, str]:
+    """Each planned shard run straight through EngineBackend (no Ray, no IO layer): id -> output_text.
+
+    Row randomness derives from (seed, row id), so this is what a faithful pipeline must have written.
+    """
+    from dgbatch import checkpoint
+    from dgbatch.engine import EngineBackend
+    from dgbatch.generation import Request
+
+    model_dir = checkpoint.local_checkpoint(cfg.model)
+    tok = checkpoint.load_tokenizer(model_dir)
+    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
+    pad, eos = checkpoint.special_ids(model_dir, tok)
+    backend = EngineBackend(checkpoint.load_model(model_dir, cfg.model), params, cfg.engine.batch_size, pad, eos)
+    texts = {}
+    for shard in sorted((Path(out_root) / "_plan" / "shards").glob("*.parquet")):
+        t = pq.read_table(shard, columns=["_dgb_id", "_dgb_prompt_ids", "_dgb_plan_error"])
+        reqs = [Request(i, p) for i, p, e in zip(*(c.to_pylist() for c in t.columns)) if e is None]
+        for g in backend.generate(reqs):
+            texts[g.row_id] = tok.decode([x for x in g.token_ids if x not in eos], skip_special_tokens=True)
+    return texts

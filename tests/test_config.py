@@ -42,7 +42,7 @@ def test_file_then_overrides_precedence(tmp_path):
         ("engine.batch_size=0", "engine.batch_size: Input should be greater than 0"),
         ("sampling.entropy_bound=-1", "sampling.entropy_bound: Input should be greater than 0"),
         ("modle.path=x", "modle: unknown key"),
-        ("engine.backend=vllm", "engine.backend: Input should be 'reference'"),
+        ("engine.backend=vllm", "engine.backend: Input should be 'engine' or 'reference'"),
         ("sampling.t_max=0.1", "sampling.t_max (0.1) must be greater than sampling.t_min (0.2)"),
     ],
 )
@@ -90,3 +90,8 @@ def test_fingerprint_tracks_outputs_not_scheduling():
     a = load_config(None, [], base=BASE)
     assert a.fingerprint() == load_config(None, ["replicas.num_replicas=4", "engine.batch_size=8"], base=BASE).fingerprint()
     assert a.fingerprint() != load_config(None, ["sampling.seed=1"], base=BASE).fingerprint()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    assert load_config(path).model.path

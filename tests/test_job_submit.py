@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from dgbatch.config import load_config
 from dgbatch.toy.tasks import answer_for
-from tests.conftest import read_output
+from tests.conftest import engine_reproduction, read_output
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,7 +31,7 @@ def test_ray_job_submit_runs_the_demo_job(tmp_path):
     gcs, dash = _free_port(), _free_port()
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    run = lambda *a, **k: subprocess.run(list(a), env=env, cwd=REPO, capture_output=True, text=True, **k)  # noqa: E731
+    run = lambda *a, **k: subprocess.run(list(a), env=env, cwd=REPO, capture_output=True, text=True, **k)
     out = tmp_path / "out"
     try:
         run(ray_bin, "get-auth-token", "--generate", timeout=60)
@@ -48,9 +49,10 @@ def test_ray_job_submit_runs_the_demo_job(tmp_path):
         assert "SUCCEEDED" in job.stdout + job.stderr
         assert "summary:" in job.stdout
         rows = read_output(out).to_pylist()
-        assert len(rows) == 96
-        short = [r for r in rows if len(answer_for(r["prompt"])) < 60]
-        assert sum(r["output_text"] == answer_for(r["prompt"]) for r in short) >= 0.85 * len(short)
+        assert len(rows) == 96 and len({r["id"] for r in rows}) == 96
         assert json.loads((out / "_SUCCESS").read_text())["rows"] == 96
+        cfg = load_config(REPO / "configs" / "demo.yaml", [f"output.path={out}", "sampling.max_new_tokens=64"])
+        assert {r["id"]: r["output_text"] for r in rows} == engine_reproduction(cfg, out)
+        assert sum(r["output_text"] == answer_for(r["prompt"]) for r in rows) >= 48
     finally:
         subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)

@@ -1,6 +1,8 @@
 """One shard, without Ray: a failing row never fails its shard; a second writer never duplicates."""
 
+import io
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -58,23 +60,22 @@ def test_a_failing_row_becomes_an_error_record(planned):
     bad = rows["in.parquet:1"]
     assert bad["finish_reason"] == "error" and "simulated device error" in bad["error"]
     assert rows["in.parquet:0"]["output_text"] == "cba" and rows["in.parquet:2"]["output_text"] == "olleh"
-    assert json.loads(open(p["layout"].commit(p["shard"])).read())["rows"] == 4
+    assert json.loads(Path(p["layout"].commit(p["shard"])).read_text())["rows"] == 4
 
 
 def test_second_writer_keeps_the_first_commit(planned):
     p = planned
     first = runner(p, p["backend"])
     first.run(p["shard"])
-    before = open(p["layout"].data(p["shard"]), "rb").read()
+    before = Path(p["layout"].data(p["shard"])).read_bytes()
     # A zombie replica that built the same shard's output: its commit must lose, leaving the file intact.
     table, _ = first.build_output(pq.read_table(p["layout"].plan_shard(p["shard"])))
     from dgbatch.io.commit import put_exclusive
-    import io
 
     buf = io.BytesIO()
     pq.write_table(table.append_column("zombie", pa.array([1] * table.num_rows)), buf)
     assert put_exclusive(p["fs"], p["layout"].data(p["shard"]), buf.getvalue()) is False
-    assert open(p["layout"].data(p["shard"]), "rb").read() == before
+    assert Path(p["layout"].data(p["shard"])).read_bytes() == before
     # A retried run of a committed shard does not regenerate; its stats come from the committed file.
     stats = runner(p, RowFailingBackend(p["backend"], "in.parquet:0")).run(p["shard"])
-    assert stats["error_rows"] == 0 and open(p["layout"].data(p["shard"]), "rb").read() == before
+    assert stats["error_rows"] == 0 and Path(p["layout"].data(p["shard"])).read_bytes() == before

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def auto_edges(lengths: Sequence[int], num_buckets: int, multiple: int = 8) -> list[int]:

@@ -45,7 +45,8 @@ def encode_example(tok, ex) -> tuple[list[int], list[int]]:
     return prompt, answer
 
 
-def make_batches(tok, rng: random.Random, batch_size: int, vocab: int, gen: torch.Generator, pool: int = 4):
+def make_batches(tok, rng: random.Random, batch_size: int, vocab: int, gen: torch.Generator, pool: int = 4,
+                 eos_canvas_p: float = 0.35):
     """`pool` batches whose rows are grouped by context length, so little compute goes to padding."""
     tasks, weights = zip(*TASK_WEIGHTS.items())
     rows = []
@@ -53,7 +54,7 @@ def make_batches(tok, rng: random.Random, batch_size: int, vocab: int, gen: torc
         prompt, answer = encode_example(tok, make_example(rng.choices(tasks, weights)[0], rng))
         n_canvas = len(answer) // CANVAS_LENGTH
         # Often the canvas that holds EOS: stopping is where errors concentrate.
-        k = n_canvas - 1 if rng.random() < 0.35 else rng.randrange(n_canvas)
+        k = n_canvas - 1 if rng.random() < eos_canvas_p else rng.randrange(n_canvas)
         rows.append((prompt + answer[: k * CANVAS_LENGTH], answer[k * CANVAS_LENGTH : (k + 1) * CANVAS_LENGTH]))
     rows.sort(key=lambda r: len(r[0]))
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
@@ -98,20 +99,35 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=1000)
+    ap.add_argument("--init-from", type=Path, help="continue from this checkpoint instead of random weights")
+    ap.add_argument("--count-weight", type=float, default=TASK_WEIGHTS["count"])
+    ap.add_argument("--start-step", type=int, default=0, help="with --init-from: resume the schedule here")
+    ap.add_argument("--eos-canvas-p", type=float, default=0.35, help="extra chance to train on the EOS canvas")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    rng = random.Random(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    rng = random.Random(args.seed + args.start_step)
+    gen = torch.Generator().manual_seed(args.seed + args.start_step)
     tok = build_tokenizer()
     vocab = len(tok)
-    model = build_toy_model(vocab, hidden=args.hidden, layers=args.layers)
+    TASK_WEIGHTS["count"] = args.count_weight
+    if args.init_from:
+        from transformers import DiffusionGemmaForBlockDiffusion
+
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(args.init_from, use_safetensors=True)
+    else:
+        model = build_toy_model(vocab, hidden=args.hidden, layers=args.layers)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = 200
 
     def lr_at(step: int) -> float:
+        if args.start_step and step < args.start_step + 100:  # fresh optimizer moments: warm up again
+            return lr_cosine(step) * (step - args.start_step + 1) / 100
+        return lr_cosine(step)
+
+    def lr_cosine(step: int) -> float:
         if step < warmup:
             return args.lr * (step + 1) / warmup
         p = (step - warmup) / max(1, args.steps - warmup)
@@ -119,12 +135,12 @@ def main() -> None:
 
     start, ema = time.time(), None
     batches = iter(())
-    for step in range(args.steps):
+    for step in range(args.start_step, args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         batch = next(batches, None)
         if batch is None:
-            batches = make_batches(tok, rng, args.batch_size, vocab, gen)
+            batches = make_batches(tok, rng, args.batch_size, vocab, gen, eos_canvas_p=args.eos_canvas_p)
             batch = next(batches)
         ids, mask, noisy, clean = batch
         sc = None
@@ -160,7 +176,7 @@ def save(model, tok, out: Path, meta: dict) -> None:
     )
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "training.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":
