@@ -199,7 +199,7 @@ def schedule(ray, cfg: JobConfig, layout: Layout, meta: dict, todo: list[ShardMe
             while queue and idle:
                 a, sid = idle.pop(0), queue.popleft()
                 inflight[actors[a].run_shard.remote(sid)] = (a, sid)
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0 if probe_at else 5.0)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)  # short: Ctrl-C stays prompt
             for ref in ready:
                 a, sid = inflight.pop(ref)
                 try:

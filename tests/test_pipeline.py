@@ -157,7 +157,7 @@ def test_interrupted_driver_resumes_only_remaining_shards(tmp_path, toy_model_di
     import sys
 
     # Long answers (count) in many small shards, so the run is still going when it is interrupted.
-    prompts = [e.prompt for e in sample_examples(40, 3, tasks=("count",))]
+    prompts = [e.prompt for e in sample_examples(200, 3, tasks=("count",))]
     path = write_prompts(tmp_path / "in.parquet", prompts)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "dgbatch.cli", "run", str(REPO / "configs" / "demo.yaml"),
@@ -171,6 +171,7 @@ def test_interrupted_driver_resumes_only_remaining_shards(tmp_path, toy_model_di
     proc.communicate(timeout=120)
     done_before = {p.name for p in (out / "data").iterdir()}
     total = len(json.loads((out / "_plan" / "manifest.json").read_text())["shards"])
+    print(f"interrupted after {len(done_before)} of {total} shards")
     assert 2 <= len(done_before) < total, "the interruption came too late to test resume"
     assert not (out / "_SUCCESS").exists()
 
