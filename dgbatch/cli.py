@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from dgbatch import redact
@@ -20,7 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     return run_job(args.config, args.overrides)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_job(config: str, overrides: list[str]) -> int:
+    # Ctrl-C and SIGTERM (`ray job stop`, a scheduler) stop the driver cleanly: replicas are killed,
+    # committed shards stay committed, a rerun resumes. Set explicitly: a parent may have ignored SIGINT.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from dgbatch import driver
 

@@ -167,7 +167,7 @@ def test_interrupted_driver_resumes_only_remaining_shards(tmp_path, toy_model_di
     deadline = time.time() + 300
     while time.time() < deadline and not ((out / "data").exists() and len(list((out / "data").iterdir())) >= 2):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)  # what `ray job stop` or a scheduler sends
     proc.communicate(timeout=120)
     done_before = {p.name for p in (out / "data").iterdir()}
     total = len(json.loads((out / "_plan" / "manifest.json").read_text())["shards"])
