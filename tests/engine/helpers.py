@@ -20,12 +20,35 @@ def random_model(vocab: int = 97, *, layers: int = 4, sliding_window: int = 12, 
     return build_toy_model(vocab, hidden=64, layers=layers, sliding_window=sliding_window).eval()
 
 
+def random_requests(n: int, vocab: int, prefix: str = "r") -> list:
+    """n seeded prompts of 2-59 random tokens (ids >= 3: no pad/eos/bos), many longer than a small window."""
+    from dgbatch.generation import Request
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 60, (n,), generator=g).tolist()
+    return [Request(f"{prefix}{i}", torch.randint(3, vocab, (k,), generator=g).tolist()) for i, k in enumerate(lengths)]
+
+
+def toy_requests(tok, n: int, seed: int, prefix: str) -> tuple[list, list]:
+    """(examples, chat-templated requests) for n seeded prompts of the toy task family."""
+    from dgbatch.generation import Request
+    from dgbatch.toy.tasks import sample_examples
+
+    examples = sample_examples(n, seed=seed)
+    reqs = [
+        Request(f"{prefix}{i}", tok.apply_chat_template([{"role": "user", "content": e.prompt}],
+                                                        add_generation_prompt=True)["input_ids"])
+        for i, e in enumerate(examples)
+    ]
+    return examples, reqs
+
+
 def trained_checkpoint():
     """The trained toy checkpoint (model, tokenizer), or skip if it has not been saved yet."""
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
     if not (CHECKPOINT / "model.safetensors").is_file():
-        pytest.skip(f"no trained toy checkpoint at {CHECKPOINT}")
+        pytest.fail(f"no trained toy checkpoint at {CHECKPOINT}; it is committed to the repo")
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(str(CHECKPOINT)).eval()
     return model, AutoTokenizer.from_pretrained(str(CHECKPOINT))
 

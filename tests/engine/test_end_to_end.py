@@ -10,10 +10,8 @@ import pytest
 from dgbatch.checkpoint import resolve_sampling
 from dgbatch.config import SamplingSection
 from dgbatch.engine import EngineBackend
-from dgbatch.generation import Request
 from dgbatch.reference import ReferenceBackend
-from dgbatch.toy.tasks import sample_examples
-from tests.engine.helpers import CHECKPOINT, generate_with_engine_draws, trained_checkpoint
+from tests.engine.helpers import CHECKPOINT, generate_with_engine_draws, toy_requests, trained_checkpoint
 
 NUM_PROMPTS = 512
 BATCH = 32
@@ -28,12 +26,7 @@ def _score(tok, gens, examples) -> tuple[float, float]:
 def test_engine_matches_reference_backend_on_trained_toy():
     model, tok = trained_checkpoint()
     params = resolve_sampling(CHECKPOINT, SamplingSection(seed=0))
-    examples = sample_examples(NUM_PROMPTS, seed=2024)
-    chat = [[{"role": "user", "content": e.prompt}] for e in examples]
-    reqs = [
-        Request(f"p{i}", tok.apply_chat_template(c, add_generation_prompt=True)["input_ids"])
-        for i, c in enumerate(chat)
-    ]
+    examples, reqs = toy_requests(tok, NUM_PROMPTS, 2024, "p")
     pad, eos = tok.pad_token_id, [tok.eos_token_id]
 
     t0 = time.perf_counter()
@@ -61,12 +54,7 @@ def test_generate_with_the_engines_random_draws_gives_the_same_rows():
     engine's outputs (up to floating-point differences between batch shapes)."""
     model, tok = trained_checkpoint()
     params = resolve_sampling(CHECKPOINT, SamplingSection(seed=3))
-    examples = sample_examples(160, seed=99)
-    chat = [[{"role": "user", "content": e.prompt}] for e in examples]
-    reqs = [
-        Request(f"r{i}", tok.apply_chat_template(c, add_generation_prompt=True)["input_ids"])
-        for i, c in enumerate(chat)
-    ]
+    examples, reqs = toy_requests(tok, 160, 99, "r")
     pad, eos = tok.pad_token_id, [tok.eos_token_id]
 
     ours = EngineBackend(model, params, BATCH, pad, eos).generate(reqs)
@@ -85,12 +73,7 @@ def test_generate_with_the_engines_random_draws_gives_the_same_rows():
 def test_trained_rows_do_not_depend_on_batch_size_or_order():
     model, tok = trained_checkpoint()
     params = resolve_sampling(CHECKPOINT, SamplingSection(seed=1))
-    examples = sample_examples(96, seed=5)
-    chat = [[{"role": "user", "content": e.prompt}] for e in examples]
-    reqs = [
-        Request(f"s{i}", tok.apply_chat_template(c, add_generation_prompt=True)["input_ids"])
-        for i, c in enumerate(chat)
-    ]
+    examples, reqs = toy_requests(tok, 96, 5, "s")
     pad, eos = tok.pad_token_id, [tok.eos_token_id]
     small = EngineBackend(model, params, 4, pad, eos).generate(reqs)
     big = EngineBackend(model, params, 32, pad, eos).generate(reqs[::-1])[::-1]

@@ -7,8 +7,8 @@ import torch
 
 from dgbatch.engine import EngineBackend
 from dgbatch.engine.memory import memory_model
-from dgbatch.generation import Request, SamplingParams
-from tests.engine.helpers import random_model
+from dgbatch.generation import SamplingParams
+from tests.engine.helpers import random_model, random_requests
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -24,17 +24,9 @@ PARAMS = SamplingParams(
 )
 
 
-def _requests(n: int, vocab: int) -> list[Request]:
-    g = torch.Generator().manual_seed(0)
-    return [
-        Request(f"r{i}", torch.randint(3, vocab, (int(k),), generator=g).tolist())
-        for i, k in enumerate(torch.randint(2, 60, (n,), generator=g))
-    ]
-
-
 def test_compiled_step_matches_eager_and_does_not_recompile():
     model = random_model(vocab=61, layers=3).cuda()
-    reqs = _requests(24, 61)
+    reqs = random_requests(24, 61)
     eager = EngineBackend(model, PARAMS, 8, 0, [1]).generate(reqs)
     compiled = EngineBackend(model, PARAMS, 8, 0, [1], compile=True)
     first = compiled.generate(reqs)
@@ -52,7 +44,7 @@ def test_peak_memory_stays_within_the_model():
     vocab = 4096  # large enough that the sampler's [B, C, V] buffers dominate
     model = random_model(vocab=vocab, layers=3).cuda()
     backend = EngineBackend(model, PARAMS, 32, 0, [1])
-    reqs = _requests(64, vocab)
+    reqs = random_requests(64, vocab)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     backend.generate(reqs)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import random
 
-import torch
-
 from dgbatch.engine import EngineBackend
-from dgbatch.generation import Request, SamplingParams
-from tests.engine.helpers import random_model
+from dgbatch.generation import SamplingParams
+from tests.engine.helpers import random_model, random_requests
 
 # Random weights never converge on their own; a confidence threshold near the model's typical mean
 # entropy (~4.0) with no stability requirement makes rows stop after different numbers of steps,
@@ -26,19 +24,13 @@ PARAMS = SamplingParams(
 VOCAB = 61
 
 
-def _requests(n: int) -> list[Request]:
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(2, 60, (n,), generator=g).tolist()  # many longer than the window (12)
-    return [Request(f"row-{i}", torch.randint(3, VOCAB, (k,), generator=g).tolist()) for i, k in enumerate(lengths)]
-
-
 def _by_id(gens):
     return {g.row_id: g for g in gens}
 
 
 def test_batch_size_order_and_retry_do_not_change_outputs():
     model = random_model(vocab=VOCAB, layers=3, sliding_window=12)
-    reqs = _requests(40)
+    reqs = random_requests(40, VOCAB, "row-")
 
     small = EngineBackend(model, PARAMS, batch_size=4, pad_id=0, eos_ids=[1])
     big = EngineBackend(model, PARAMS, batch_size=32, pad_id=0, eos_ids=[1])
@@ -63,7 +55,7 @@ def test_batch_size_order_and_retry_do_not_change_outputs():
 
 def test_a_different_seed_changes_outputs():
     model = random_model(vocab=VOCAB, layers=3, sliding_window=12)
-    reqs = _requests(6)
+    reqs = random_requests(6, VOCAB, "row-")
     a = EngineBackend(model, PARAMS, 8, 0, [1]).generate(reqs)
     other = SamplingParams(**{**PARAMS.__dict__, "seed": 12})
     b = EngineBackend(model, other, 8, 0, [1]).generate(reqs)
