@@ -21,7 +21,7 @@ from dgbatch.io.commit import list_names, read_json, write_json
 from dgbatch.io.fs import filesystem
 from dgbatch.io.layout import Layout
 from dgbatch.planning.planner import ShardMeta, bucket_edges, plan_fragment
-from dgbatch.planning.source import inspect_input
+from dgbatch.planning.source import InputPlan, inspect_input
 from dgbatch.stats import ShardStats
 
 log = logging.getLogger("dgbatch")
@@ -102,14 +102,16 @@ def init_ray(cfg: JobConfig):
     return ray
 
 
-def make_plan(ray, cfg: JobConfig, fs, layout: Layout, model_dir, max_prompt: int) -> Plan:
+def make_plan(
+    ray, cfg: JobConfig, fs, layout: Layout, model_dir, max_prompt: int, inp: InputPlan | None = None
+) -> Plan:
     manifest = read_json(fs, layout.plan_manifest)
     if manifest is not None and manifest.get("fingerprint") == cfg.fingerprint():
         plan = Plan.from_dict(manifest)
         log.info("reusing plan: %d shards, %d rows", len(plan.shards), plan.num_rows)
         return plan
     t0 = time.time()
-    inp = inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows)
+    inp = inp or inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows)
     edges = bucket_edges(cfg, inp, checkpoint.load_tokenizer(model_dir), max_prompt)
     args = (edges, str(model_dir), max_prompt, layout.root)
     if len(inp.fragments) == 1:  # not worth a worker process
@@ -133,7 +135,7 @@ def run(cfg: JobConfig) -> int:
     layout = Layout(root)
 
     # 1. Cheap checks, before Ray or any model: input schema, checkpoint files, sampling, output.
-    inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows)
+    inp = inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows)
     model_dir = checkpoint.local_checkpoint(cfg.model, cfg.storage)
     params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
     max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
@@ -145,7 +147,7 @@ def run(cfg: JobConfig) -> int:
 
     # 2. Plan (or reuse the plan of an interrupted run), then see what is already committed.
     ray = init_ray(cfg)
-    plan = make_plan(ray, cfg, fs, layout, model_dir, max_prompt)
+    plan = make_plan(ray, cfg, fs, layout, model_dir, max_prompt, inp)
     committed = set(n.removesuffix(".parquet") for n in list_names(fs, layout.data(), ".parquet"))
     todo = [s for s in plan.shards if s.shard_id not in committed]
     progress = Progress(plan.num_rows)
