@@ -1,6 +1,10 @@
-"""Train the shipped toy DiffusionGemma on the count / reverse / repeat family (CPU, seeded).
+"""Train the shipped toy DiffusionGemma on the count / reverse / repeat family (seeded; CPU or GPU).
 
     python -m dgbatch.toy.train --out models/toy-diffusiongemma --steps 9000
+    python -m dgbatch.toy.train --out M --device cuda --batch-size 256 --workers 4 --time-budget 300
+
+With `--time-budget` the learning-rate schedule runs on whichever of steps and seconds is further
+along, and training stops when either is spent (the steps reached are saved in training.json).
 
 Objective (block diffusion with uniform noise, as the sampler sees it at inference): for each example
 pick one canvas k of the response (+EOS, padded to the canvas); the encoder reads prompt +
@@ -63,6 +67,21 @@ def make_batches(tok, rng: random.Random, batch_size: int, vocab: int, gen: torc
         yield collate(tok, batch, vocab, gen)
 
 
+class BatchStream(torch.utils.data.IterableDataset):
+    """Endless training batches; with DataLoader workers each worker draws from its own seeds."""
+
+    def __init__(self, seed: int, batch_size: int, eos_canvas_p: float, task_weights: dict):
+        self.seed, self.batch_size, self.eos_canvas_p, self.task_weights = seed, batch_size, eos_canvas_p, task_weights
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        seed = self.seed * 1000 + (info.id if info else 0)
+        TASK_WEIGHTS.update(self.task_weights)
+        tok, rng, gen = build_tokenizer(), random.Random(seed), torch.Generator().manual_seed(seed)
+        while True:
+            yield from make_batches(tok, rng, self.batch_size, len(tok), gen, eos_canvas_p=self.eos_canvas_p)
+
+
 def collate(tok, batch, vocab: int, gen: torch.Generator):
     width = max(len(c) for c, _ in batch)
     ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
@@ -103,24 +122,41 @@ def main() -> None:
     ap.add_argument("--count-weight", type=float, default=TASK_WEIGHTS["count"])
     ap.add_argument("--start-step", type=int, default=0, help="with --init-from: resume the schedule here")
     ap.add_argument("--eos-canvas-p", type=float, default=0.35, help="extra chance to train on the EOS canvas")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes making batches")
+    ap.add_argument("--time-budget", type=float, help="seconds; the schedule follows steps or time, whichever leads")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = True
     rng = random.Random(args.seed + args.start_step)
-    gen = torch.Generator().manual_seed(args.seed + args.start_step)
     tok = build_tokenizer()
     vocab = len(tok)
     TASK_WEIGHTS["count"] = args.count_weight
+    stream = BatchStream(args.seed + args.start_step, args.batch_size, args.eos_canvas_p, dict(TASK_WEIGHTS))
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
+        prefetch_factor=8 if args.workers else None,
+    )
     if args.init_from:
         from transformers import DiffusionGemmaForBlockDiffusion
 
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(args.init_from, use_safetensors=True)
     else:
         model = build_toy_model(vocab, hidden=args.hidden, layers=args.layers)
-    model.train()
+    batches = iter(loader)  # workers fork before CUDA initialises
+    model.to(args.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = 200
+    start, ema = time.time(), None
+
+    def progress(step: int) -> float:
+        """Fraction of training done: by steps, or by seconds when a time budget leads."""
+        p = (step - warmup) / max(1, args.steps - warmup)
+        if args.time_budget:
+            p = max(p, (time.time() - start) / args.time_budget)
+        return min(1.0, p)
 
     def lr_at(step: int) -> float:
         if args.start_step and step < args.start_step + 100:  # fresh optimizer moments: warm up again
@@ -130,19 +166,16 @@ def main() -> None:
     def lr_cosine(step: int) -> float:
         if step < warmup:
             return args.lr * (step + 1) / warmup
-        p = (step - warmup) / max(1, args.steps - warmup)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress(step))))
 
-    start, ema = time.time(), None
-    batches = iter(())
+    step = args.start_step
     for step in range(args.start_step, args.steps):
+        if args.time_budget and time.time() - start > args.time_budget:
+            step -= 1
+            break
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        batch = next(batches, None)
-        if batch is None:
-            batches = make_batches(tok, rng, args.batch_size, vocab, gen, eos_canvas_p=args.eos_canvas_p)
-            batch = next(batches)
-        ids, mask, noisy, clean = batch
+        ids, mask, noisy, clean = (t.to(args.device, non_blocking=True) for t in next(batches))
         sc = None
         if rng.random() < 0.5:
             with torch.no_grad():
@@ -154,11 +187,15 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        ema = loss.detach() if ema is None else 0.98 * ema + 0.02 * loss.detach()  # no host sync per step
         if step % 100 == 0 or step == args.steps - 1:
-            print(f"step {step} loss {ema:.4f} lr {lr_at(step):.2e} {time.time() - start:.0f}s", flush=True)
-        if (step + 1) % args.save_every == 0 or step == args.steps - 1:
-            save(model, tok, args.out, {"step": step + 1, **vars(args), "out": str(args.out), "loss_ema": ema})
+            print(f"step {step} loss {ema.item():.4f} lr {lr_at(step):.2e} {time.time() - start:.0f}s", flush=True)
+        if (step + 1) % args.save_every == 0:
+            save(model, tok, args.out, {"step": step + 1, **vars(args), "out": str(args.out), "loss_ema": ema.item()})
+    ema = float(ema) if ema is not None else None
+    print(f"done at step {step + 1} loss {ema} {time.time() - start:.0f}s", flush=True)
+    save(model.cpu(), tok, args.out, {"step": step + 1, **vars(args), "out": str(args.out), "loss_ema": ema,
+                                     "seconds": round(time.time() - start)})
 
 
 def save(model, tok, out: Path, meta: dict) -> None:
