@@ -67,6 +67,8 @@ class DecoderCounter:
 def run(name, fn, reqs, examples, tok) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     gens = fn(reqs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens = sum(len(g.token_ids) for g in gens)
     exact = sum(tok.decode(g.token_ids, skip_special_tokens=True) == e.answer for g, e in zip(gens, examples))
@@ -91,6 +93,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--data-seed", type=int, default=7, help="seed of the prompt sample")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--sampling",
         choices=("checkpoint", "transformers"),
@@ -104,7 +107,7 @@ def main() -> None:
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, DiffusionGemmaGenerationConfig
 
     torch.set_num_threads(args.threads)
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(str(args.model)).eval()
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(str(args.model)).to(args.device).eval()
     tok = AutoTokenizer.from_pretrained(str(args.model))
     if args.sampling == "checkpoint":
         params = resolve_sampling(args.model, SamplingSection(seed=args.seed))
@@ -156,6 +159,7 @@ def main() -> None:
         "threads": args.threads,
         "loadavg": os.getloadavg(),
         "machine": platform.machine(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
         "torch": torch.__version__,
         "results": results,
         "engine_speedup_vs_best_reference": results[0]["tokens_per_s"] / best_ref if best_ref else None,

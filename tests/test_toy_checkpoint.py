@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from dgbatch.toy.evaluate import evaluate, load
 from dgbatch.toy.tasks import answer_for, sample_examples
@@ -32,12 +31,6 @@ def test_task_family_grader():
     assert answer_for("count 3-5") == "3 4 5" and answer_for("hello") is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 2 not done: the shipped checkpoint (8,500 steps) reaches 75% exact (count 34%, reverse 100%, "
-    "repeat 90%); count does not yet learn where to stop. Strict: this fails as soon as the bar is met, so the "
-    "marker must then be removed.",
-)
 def test_accuracy_bar_on_a_fixed_sample(toy_model_dir):
     """>= 90% exact overall, >= 80% on each task, tokens/forward well above 1 (defaults of the checkpoint)."""
     r = evaluate(str(toy_model_dir), n=210, seed=1234)

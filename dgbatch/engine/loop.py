@@ -96,8 +96,18 @@ class Engine:
         self.stats = EngineStats()
         self.cache = None
         self._capacity = capacity
-        self._step = torch.compile(self._denoise, mode="reduce-overhead", dynamic=False) if compile else self._denoise
+        self._step = self._compiled(self._denoise) if compile else self._denoise
         self._alloc_state()
+
+    def _compiled(self, fn):
+        """`torch.compile` with CUDA graphs on GPU (what mode="reduce-overhead" sets) and no split reductions.
+
+        The sampler reduces thousands of vocabulary-wide rows, so splitting a reduction buys nothing;
+        and on an H200 with torch 2.11 Inductor failed to generate code for the split softmax over a
+        262,144-wide vocabulary ("list indices must be integers or slices, not NoneType").
+        """
+        cuda = self.runner.device.type == "cuda"
+        return torch.compile(fn, dynamic=False, options={"triton.cudagraphs": cuda, "split_reductions": False})
 
     # ---- state ---------------------------------------------------------------------------------
 
