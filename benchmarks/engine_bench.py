@@ -101,6 +101,7 @@ def main() -> None:
         help="the checkpoint's generation_config.json, or transformers' defaults (48 steps, t 0.4-0.8)",
     )
     ap.add_argument("--skip-reference", action="store_true", help="engine only (quick check)")
+    ap.add_argument("--compile", action="store_true", help="engine with torch.compile (after a warm-up run)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -126,8 +127,15 @@ def main() -> None:
     pad, eos, b = tok.pad_token_id, [tok.eos_token_id], args.batch_size
 
     results = []
-    engine = EngineBackend(model, params, b, pad, eos)
-    r = run("engine", engine.generate, reqs, examples, tok)
+    engine = EngineBackend(model, params, b, pad, eos, compile=args.compile)
+    warmup_s = None
+    if args.compile:  # graphs are built once per decoder batch size; a long job pays this once
+        t0 = time.perf_counter()
+        engine.generate(reqs[: 4 * b])
+        warmup_s = time.perf_counter() - t0
+        engine.engine.stats.__init__()
+    r = run("engine (compiled)" if args.compile else "engine", engine.generate, reqs, examples, tok)
+    r["compile_warmup_s"] = warmup_s
     r["computed_row_forwards"] = engine.stats.computed_row_forwards
     r["decoder_calls"] = engine.stats.decoder_calls
     r["decoder_batch_sizes"] = engine.stats.batch_sizes
