@@ -198,4 +198,3 @@ class ReplicaRank:
         requests = self.mesh.broadcast_object(None)  # None: the leader has nothing to generate
         if requests is not None:
             check_lockstep(self.mesh, self.backend.generate(requests) if requests else [])
-        return None

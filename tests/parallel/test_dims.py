@@ -4,6 +4,8 @@ spawn (4 and 8 ranks): each rank's partial sums, added over the ranks, give the 
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ from dgbatch.engine.attention import attend, project_qkv
 from dgbatch.parallel import Mesh, ParallelConfigError, ParallelDims, parallelize
 from dgbatch.parallel.dims import kv_head_range
 from dgbatch.toy.model import toy_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _text(**kw) -> DiffusionGemmaTextConfig:
@@ -91,6 +95,18 @@ def model():
     return DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(text_config=_text(), vision_config=vision)).eval()
 
 
+def _module_outputs(m, stack: str, i: int, x, cos, sin, route) -> dict[str, torch.Tensor]:
+    """Layer i's attention, dense MLP and experts outputs (a rank's partial sums under Mesh.local)."""
+    layer = (m.model.encoder.language_model.layers if stack == "encoder" else m.model.decoder.layers)[i]
+    mask = torch.ones(x.shape[0], 1, x.shape[1], x.shape[1], dtype=torch.bool)
+    flat = x.reshape(-1, x.shape[-1])
+    return {
+        "attention": attend(layer.self_attn, *project_qkv(layer.self_attn, x, cos, sin), mask),
+        "mlp": layer.mlp(x),
+        "experts": layer.experts(flat, route[1], route[0]),
+    }
+
+
 @pytest.mark.parametrize("dims", [ParallelDims(2, 2), ParallelDims(4, 1), ParallelDims(1, 4), ParallelDims(4, 2)],
                          ids=str)
 @torch.no_grad()
@@ -100,40 +116,21 @@ def test_partial_sums_over_ranks_equal_the_whole_module(model, dims):
         m = copy.deepcopy(model)
         parallelize(m, Mesh.local(dims, r))
         ranks.append(m)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 5, 64, generator=g)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1))
     positions = torch.arange(5)[None].expand(3, -1)
-    mask = torch.ones(3, 1, 5, 5, dtype=torch.bool)
     text = model.config.get_text_config()
+    tp_groups = [range(e * dims.tp, (e + 1) * dims.tp) for e in range(dims.ep)]  # each holds the same attention
+    sum_over = {"attention": tp_groups, "mlp": tp_groups, "experts": [range(dims.world)]}
     for stack in ("encoder", "decoder"):
-        def layers(m):
-            return m.model.encoder.language_model.layers if stack == "encoder" else m.model.decoder.layers
-
-        for i, layer in enumerate(layers(model)):
+        for i in range(text.num_hidden_layers):
             cos, sin = model.model.decoder.rotary_emb(x, positions, text.layer_types[i])
-
-            def attention(m):
-                a = layers(m)[i].self_attn
-                return attend(a, *project_qkv(a, x, cos, sin), mask)
-
-            def mlp(m):
-                return layers(m)[i].mlp(x)
-
-            flat = x.reshape(-1, 64)
-            _, weights, index = layer.router(flat)
-
-            def experts(m):
-                return layers(m)[i].experts(flat, index, weights)
-
-            for name, fn, groups in (
-                ("attention", attention, [range(e * dims.tp, (e + 1) * dims.tp) for e in range(dims.ep)]),
-                ("mlp", mlp, [range(e * dims.tp, (e + 1) * dims.tp) for e in range(dims.ep)]),
-                ("experts", experts, [range(dims.world)]),
-            ):
-                whole = fn(model)
-                for ranks_of_group in groups:  # tp groups: every ep group holds the same attention / MLP
-                    part = sum(fn(ranks[r]) for r in ranks_of_group)
-                    diff = (part - whole).abs().max().item()
+            _, weights, index = model.model.decoder.layers[i].router(x.reshape(-1, 64))
+            args = (stack, i, x, cos, sin, (weights, index))
+            whole = _module_outputs(model, *args)
+            parts = [_module_outputs(m, *args) for m in ranks]
+            for name, groups in sum_over.items():
+                for group in groups:
+                    diff = (sum(parts[r][name] for r in group) - whole[name]).abs().max().item()
                     assert diff < 1e-5, f"{stack} layer {i} {name}: partial sums differ by {diff:.2e}"
 
 
@@ -151,3 +148,14 @@ def test_shards_keep_the_encoder_decoder_ties_and_split_the_weights(model):
     assert (dec.experts.first, dec.experts.count) == (4, 4)  # rank 3 = (ep 1, tp 1)
     whole = sum(p.numel() for p in model.parameters())
     assert sum(p.numel() for p in m.parameters()) < whole
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("diffusiongemma-26b-a4b-*.yaml")), ids=lambda p: p.name)
+def test_the_real_checkpoint_configs_fit_its_shape(path):
+    """The shipped 26B-A4B configs load, and their degrees can shard the real shape."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import shapes
+
+    cfg = load_config(path)
+    ParallelDims(cfg.parallel.tp_size, cfg.parallel.ep_size).check_model(shapes.config().get_text_config())
+    assert cfg.model.dtype == "bfloat16" and cfg.replicas.num_gpus == 1

@@ -65,7 +65,7 @@ def test_a_shard_the_leader_cannot_read_fails_alone_and_the_group_stays_up(ray_l
     cfg = job_config(path, *FAST, *TP2, "plan.shard_rows=4", "plan.bucket_edges=[]", "replicas.max_shard_attempts=2")
     assert driver.run(cfg) == 0
     out = tmp_path / "out"
-    broken, kept = sorted(p.stem for p in (out / "data").iterdir())
+    broken, _ = sorted(p.stem for p in (out / "data").iterdir())
     for p in (out / "data" / f"{broken}.parquet", out / "_commits" / f"{broken}.json", out / "_SUCCESS"):
         p.unlink()
     (out / "_plan" / "shards" / f"{broken}.parquet").write_bytes(b"not parquet any more")
