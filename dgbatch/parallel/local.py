@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dgbatch.parallel.dims import ParallelDims
@@ -25,9 +26,10 @@ def _rank_main(rank: int, fn: Callable, dims: ParallelDims, port: int, timeout_s
     mesh = Mesh.init(dims, rank, join_store(HOST, port, dims.world, timeout_s), "gloo", timeout_s)
     try:
         result = fn(mesh, *args)
+        Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+        dist.barrier(group=mesh.world_group)  # no rank tears its sockets down while another still uses them
     finally:
         mesh.destroy()
-    Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
 
 
 def run_local(fn: Callable, dims: ParallelDims, *args, timeout_s: float = 120.0) -> list:
