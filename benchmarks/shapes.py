@@ -1,39 +1,30 @@
-"""DiffusionGemma 26B-A4B's shape, for benchmarks and memory plans (no weights needed).
+"""DiffusionGemma 26B-A4B's shape for the parallel benchmarks and memory plans (no weights needed).
 
-Source: the published `google/diffusiongemma-26B-A4B-it` text config (Gemma 4 26B-A4B backbone), as
-reproduced in third-party test fixtures that parse it (e.g. MLX / Rust Gemma 4 loaders): hidden 2816,
-30 layers (5 sliding : 1 full), 16 q heads, 8 KV heads of dim 256 on sliding layers, 2 KV heads
-(`num_global_key_value_heads`, K = V, no v_proj) of dim 512 on full layers, dense MLP 2112, 128
-experts top-8 of intermediate 704, vocab 262,144, window 1024, canvas 256. transformers' own
-`DiffusionGemmaTextConfig` defaults are a different (smaller) shape and are not used. Check: this
-shape has 25.25 B text parameters and 3.8 B active per token, the published 25.2 B / 3.8 B.
+The shape is `real_shape_bench.REAL_26B_A4B` (google/diffusiongemma-26B-A4B-it's text config: hidden
+2816, 16 q heads, 8 KV heads of dim 256 on sliding layers, 2 KV heads of dim 512 and no v_proj on
+full ones, dense MLP 2112, 128 experts top-8 of intermediate 704, vocab 262,144, window 1024, canvas
+256), with all 30 layers (5 sliding : 1 full). The same values appear in third-party loaders' test
+fixtures of the published config. Check: 25.25 B text parameters, 3.8 B active per token (published:
+25.2 B / 3.8 B). transformers' own `DiffusionGemmaTextConfig` defaults are a different shape.
 """
 
 from __future__ import annotations
 
 import torch
+from real_shape_bench import REAL_26B_A4B, REAL_CANVAS, SMALL_VISION
 
-CANVAS = 256
+CANVAS = REAL_CANVAS
 PATTERN = ["sliding_attention"] * 5 + ["full_attention"]
+TEXT_26B_A4B = {**REAL_26B_A4B, "num_hidden_layers": 30}
 
-TEXT_26B_A4B = dict(
-    vocab_size=262_144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
-    num_attention_heads=16, num_key_value_heads=8, num_global_key_value_heads=2, head_dim=256,
-    global_head_dim=512, sliding_window=1024, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
-    max_position_embeddings=262_144, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-)  # fmt: skip
-
-# Same structure at CPU size (for `--device cpu --tiny`): every ratio that matters kept (16 q heads,
-# 8 / 2 KV heads, experts top-8 of 128 -> 16 top-4), widths cut.
+# The same structure at CPU size (for `--device cpu --tiny`), keeping the ratios sharding cares about:
+# 16 q heads, 8 / 2 KV heads, experts top-k of many (16 top-4).
 TEXT_TINY = dict(
     vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=16,
     num_key_value_heads=8, num_global_key_value_heads=2, head_dim=8, global_head_dim=16, sliding_window=32,
     num_experts=16, top_k_experts=4, moe_intermediate_size=32, max_position_embeddings=4096,
     pad_token_id=0, eos_token_id=1, bos_token_id=2,
 )  # fmt: skip
-
-SMALL_VISION = {"model_type": "gemma4_vision", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8}
 
 
 def layer_types(n: int) -> list[str]:
