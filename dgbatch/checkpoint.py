@@ -82,6 +82,21 @@ def max_prompt_tokens(cfg: JobConfig, model_config: dict, params: SamplingParams
     return int(text.get("max_position_embeddings", 131072)) - max_new
 
 
+def check_parallel(cfg: JobConfig, path: Path) -> None:
+    """Fail before any weights load if parallel.tp_size / ep_size cannot shard this checkpoint."""
+    if cfg.parallel.world_size == 1:
+        return
+    from transformers import AutoConfig
+
+    from dgbatch.parallel.dims import ParallelConfigError, ParallelDims
+
+    text = AutoConfig.from_pretrained(str(path), trust_remote_code=False).get_text_config()
+    try:
+        ParallelDims(cfg.parallel.tp_size, cfg.parallel.ep_size).check_model(text)
+    except ParallelConfigError as e:
+        raise ConfigError(f"model.path {cfg.model.path!r}: {e}") from None
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 

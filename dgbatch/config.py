@@ -92,11 +92,34 @@ class PlanSection(Section):
 
 
 class ReplicasSection(Section):
-    num_replicas: int = Field(1, gt=0, description="Ray actors, each hosting one model replica.")
-    num_cpus: float = Field(1, ge=0, description="CPUs reserved per replica.")
-    num_gpus: float = Field(0, ge=0, description="GPUs reserved per replica.")
+    num_replicas: int = Field(1, gt=0, description="Model replicas (each one actor, or one group of parallel ranks).")
+    num_cpus: float = Field(1, ge=0, description="CPUs reserved per replica actor (per rank of a parallel replica).")
+    num_gpus: float = Field(0, ge=0, description="GPUs reserved per replica actor (per rank of a parallel replica).")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100'.")
     max_shard_attempts: int = Field(3, gt=0, description="Tries per shard before it is recorded as failed.")
+
+
+class ParallelSection(Section):
+    """One replica over several devices: tp_size x ep_size ranks, one Ray actor each, gang-scheduled."""
+
+    tp_size: int = Field(1, gt=0, description="Tensor-parallel ranks: attention heads and the dense MLP split over them.")
+    ep_size: int = Field(1, gt=0, description="Expert-parallel groups (of tp_size ranks each): the experts split over them.")
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK", description="Ray placement group strategy for a replica's ranks (STRICT_PACK: one node)."
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend: 'auto' is nccl on CUDA, gloo on CPU."
+    )
+    timeout_s: float = Field(
+        300, gt=0, description="Collective and rendezvous timeout: a rank that stops answering fails its replica."
+    )
+    startup_timeout_s: float = Field(
+        1800, gt=0, description="A replica group not up this long after creation (placement, model load) is retried."
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.ep_size
 
 
 class StorageSection(Section):
@@ -121,8 +144,30 @@ class JobConfig(Section):
     engine: EngineSection = EngineSection()
     plan: PlanSection = PlanSection()
     replicas: ReplicasSection = ReplicasSection()
+    parallel: ParallelSection = ParallelSection()
     storage: StorageSection = StorageSection()
     ray: RayCluster = RayCluster()
+
+    @model_validator(mode="after")
+    def _parallel_fits(self) -> JobConfig:
+        """What a parallel replica needs from the other sections (the model's shape is checked against
+        its config.json by the driver, before any weights load)."""
+        p, world = self.parallel, self.parallel.world_size
+        if world == 1:
+            return self
+        ranks = f"parallel.tp_size={p.tp_size} x parallel.ep_size={p.ep_size} = {world} ranks"
+        if self.engine.backend != "engine":
+            raise ValueError(f"{ranks} need engine.backend=engine (the reference backend runs on one device)")
+        if self.engine.compile:
+            raise ValueError(f"{ranks}: engine.compile is not supported with more than one rank yet")
+        if self.replicas.num_gpus not in (0, 1):
+            raise ValueError(
+                f"replicas.num_gpus={self.replicas.num_gpus:g} is per rank with {ranks}: each rank needs one whole "
+                "GPU (replicas.num_gpus=1), or none (0) to run on CPUs"
+            )
+        if p.backend == "nccl" and (self.replicas.num_gpus == 0 or self.model.device == "cpu"):
+            raise ValueError("parallel.backend=nccl needs GPUs (replicas.num_gpus=1 and model.device auto or cuda)")
+        return self
 
     def fingerprint(self) -> str:
         """Hash of what decides the outputs; a resumed job must match it."""

@@ -28,6 +28,7 @@ log = logging.getLogger("dgbatch")
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_INPUT = 0, 1, 2
 MAX_PROBES = 120  # ~2 minutes of 1-second readiness probes before a restarting replica is given up
+MAX_GROUP_STARTS = 3  # consecutive failed starts (placement, rendezvous, model load) before a group is dropped
 
 
 @dataclass
@@ -134,11 +135,13 @@ def run(cfg: JobConfig) -> int:
     fs, root = filesystem(cfg.output.path, cfg.storage)
     layout = Layout(root)
 
-    # 1. Cheap checks, before Ray or any model: input schema, checkpoint files, sampling, output.
+    # 1. Cheap checks, before Ray or any model: input schema, checkpoint files, sampling, parallel
+    #    degrees against the model's shape, output.
     inp = inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows)
     model_dir = checkpoint.local_checkpoint(cfg.model, cfg.storage)
     params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
     max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
+    checkpoint.check_parallel(cfg, model_dir)
     check_fingerprint(fs, layout, cfg)
     if fs.exists(layout.success):
         done = read_json(fs, layout.success) or {}
@@ -169,60 +172,140 @@ def run(cfg: JobConfig) -> int:
     return finish(fs, layout, plan, failed, t_start, len(todo))
 
 
+@dataclass
+class _Call:
+    """Refs of one request to one replica: a shard (one ref per rank), a readiness probe or a start."""
+
+    replica: int
+    kind: str  # "shard" | "probe" | "start"
+    shard: str | None
+    refs: list
+    started: float = field(default_factory=time.time)
+    pending: int = 0
+    result: dict | None = None
+    error: Exception | None = None  # a failure that left the group in step (the leader's GroupStillInStep)
+
+    def __post_init__(self) -> None:
+        self.pending = len(self.refs)
+
+
 def schedule(ray, cfg: JobConfig, layout: Layout, meta: dict, todo: list[ShardMeta], progress: Progress,
              base_rows: int) -> dict[str, str]:
-    from dgbatch.replica import Replica
+    from dgbatch.placement import make_replicas
+    from dgbatch.replica import GroupStillInStep
 
     r = cfg.replicas
-    actor_cls = ray.remote(Replica)
-    opts = dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, accelerator_type=r.accelerator_type,
-                max_restarts=-1, max_task_retries=0, namespace="dgbatch")
     run_id = uuid.uuid4().hex[:8]
-    actors = [actor_cls.options(name=f"replica-{i}-{run_id}", **opts).remote(cfg, layout.root, meta)
-              for i in range(r.num_replicas)]
-    print(f"starting {len(actors)} replica(s) (names replica-N-{run_id}, namespace dgbatch)", flush=True)
+    replicas = make_replicas(ray, cfg, layout.root, meta, run_id)
+    if cfg.parallel.world_size > 1:
+        print(f"starting {len(replicas)} replica group(s) of {replicas[0].describe()} "
+              f"(actors replica-N-gG-{run_id}-rankR, namespace dgbatch)", flush=True)
+    else:
+        print(f"starting {len(replicas)} replica(s) (names replica-N-{run_id}, namespace dgbatch)", flush=True)
     queue = deque(s.shard_id for s in todo)
     rows_of = {s.shard_id: s.rows for s in todo}
     attempts: Counter[str] = Counter()
     failed: dict[str, str] = {}
-    inflight: dict = {}  # ref -> (actor index, shard id, or None for a readiness probe)
-    idle = list(range(len(actors)))
-    probe_at: dict[int, float] = {}  # restarting actors: when to ask again whether they are back
+    inflight: dict = {}  # ref -> _Call
+    idle: list[int] = []
+    probe_at: dict[int, float] = {}  # restarting single replicas: when to ask again whether they are back
     probe_failures: Counter[int] = Counter()
+    start_failures: Counter[int] = Counter()  # replica groups: consecutive starts that failed
     last_actor_error = ""
     actor_errors = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+    def submit(a: int, kind: str, shard: str | None, refs: list) -> None:
+        call = _Call(a, kind, shard, refs)
+        for ref in refs:
+            inflight[ref] = call
+
+    def start(a: int) -> None:
+        refs = replicas[a].start()
+        if refs:
+            submit(a, "start", None, refs)
+        else:
+            idle.append(a)
+
+    def tear_down(call: _Call, err: Exception) -> None:
+        """A group failed: drop its refs, kill every rank and the placement group, start a new one."""
+        nonlocal last_actor_error
+        a = call.replica
+        for ref in call.refs:
+            inflight.pop(ref, None)
+        replicas[a].kill()
+        last_actor_error = redact.scrub(f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}")
+        if call.shard is not None:
+            _retry_or_fail(call.shard, err, attempts, failed, queue, r.max_shard_attempts)
+        start_failures[a] = start_failures[a] + 1 if call.kind == "start" else 0
+        if start_failures[a] >= MAX_GROUP_STARTS:
+            log.error("replica group %d failed to start %d times in a row; dropping it (last: %s)", a,
+                      MAX_GROUP_STARTS, last_actor_error)
+            return
+        log.warning("replica group %d torn down (%s); starting a new one", a, last_actor_error)
+        start(a)
+
+    for a in range(len(replicas)):
+        start(a)
     try:
-        while queue or any(sid for _, sid in inflight.values()):
+        while queue or any(c.kind == "shard" for c in inflight.values()):
             now = time.time()
             for a, at in list(probe_at.items()):
                 if at <= now:
                     del probe_at[a]
-                    inflight[actors[a].ready.remote()] = (a, None)
+                    submit(a, "probe", None, replicas[a].probe())
+            for call in {id(c): c for c in inflight.values()}.values():
+                if call.kind == "start" and now - call.started > cfg.parallel.startup_timeout_s:
+                    tear_down(call, TimeoutError(
+                        f"replica group {call.replica} ({replicas[call.replica].describe()}) was not up "
+                        f"{cfg.parallel.startup_timeout_s:g} s after it was created: not enough resources for its "
+                        f"placement group, or a slow model load (parallel.startup_timeout_s)"))
             while queue and idle:
                 a, sid = idle.pop(0), queue.popleft()
-                inflight[actors[a].run_shard.remote(sid)] = (a, sid)
+                submit(a, "shard", sid, replicas[a].run(sid))
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)  # short: Ctrl-C stays prompt
             for ref in ready:
-                a, sid = inflight.pop(ref)
+                call = inflight.pop(ref, None)
+                if call is None:  # its group was torn down meanwhile
+                    continue
+                a, sid = call.replica, call.shard
                 try:
-                    result = ray.get(ref)
+                    value = ray.get(ref)
                 except (*actor_errors, ray.exceptions.RayTaskError) as e:
-                    if isinstance(e, actor_errors):  # dead or restarting: wait until Ray has it back
-                        probe_failures[a] += sid is None
-                        last_actor_error = redact.scrub(str(e).strip().splitlines()[-1][:500])
-                        if probe_failures[a] < MAX_PROBES:
-                            probe_at[a] = time.time() + 1.0
+                    if not replicas[a].restartable:
+                        cause = getattr(e, "cause", None)
+                        if call.kind == "shard" and isinstance(cause, GroupStillInStep) and ref is call.refs[0]:
+                            call.error, call.pending = e, call.pending - 1  # wait for the other ranks' returns
                         else:
-                            log.error("replica %d did not come back after %d probes; dropping it", a, MAX_PROBES)
+                            tear_down(call, e)
+                            continue
                     else:
-                        idle.append(a)
-                    if sid is not None:
-                        _retry_or_fail(sid, e, attempts, failed, queue, r.max_shard_attempts)
+                        if isinstance(e, actor_errors):  # dead or restarting: wait until Ray has it back
+                            probe_failures[a] += sid is None
+                            last_actor_error = redact.scrub(str(e).strip().splitlines()[-1][:500])
+                            if probe_failures[a] < MAX_PROBES:
+                                probe_at[a] = time.time() + 1.0
+                            else:
+                                log.error("replica %d did not come back after %d probes; dropping it", a, MAX_PROBES)
+                        else:
+                            idle.append(a)
+                        if sid is not None:
+                            _retry_or_fail(sid, e, attempts, failed, queue, r.max_shard_attempts)
+                        continue
+                else:
+                    call.pending -= 1
+                    if ref is call.refs[0]:
+                        call.result = value
+                if call.pending:
                     continue
                 probe_failures[a] = 0
+                if call.kind == "start":
+                    start_failures[a] = 0
                 idle.append(a)
-                if sid is not None:
-                    progress.add(result)
+                if call.kind == "shard":
+                    if call.error is not None:
+                        _retry_or_fail(sid, call.error, attempts, failed, queue, r.max_shard_attempts)
+                    else:
+                        progress.add(call.result)
             if queue and not (idle or inflight or probe_at):  # every replica is gone
                 for sid in queue:
                     failed[sid] = f"no replica left to run it; last replica error: {last_actor_error}"
@@ -232,8 +315,8 @@ def schedule(ray, cfg: JobConfig, layout: Layout, meta: dict, todo: list[ShardMe
                 print(progress.line(base_rows), flush=True)
         print(progress.line(base_rows), flush=True)
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        for replica in replicas:
+            replica.kill()
     if failed:
         lost = sum(rows_of[s] for s in failed)
         log.error("%d shard(s) (%d rows) failed: %s", len(failed), lost, ", ".join(sorted(failed)))

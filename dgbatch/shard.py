@@ -59,9 +59,13 @@ def stats_of_output(fs, path: str) -> ShardStats:
 
 
 class ShardRunner:
+    """isolate_rows: a failed batch is retried row by row (one bad row fails only itself). A parallel
+    replica turns it off: its ranks must run the same steps, and a retry on one rank alone would not be."""
+
     def __init__(self, backend: Backend, tokenizer, fs, layout: Layout, eos_ids: list[int], job_meta: dict,
-                 id_column: str | None):
+                 id_column: str | None, isolate_rows: bool = True):
         self.backend = backend
+        self.isolate_rows = isolate_rows
         self.tokenizer = tokenizer
         self.fs = fs
         self.layout = layout
@@ -89,7 +93,11 @@ class ShardRunner:
         prompts = shard.column(PROMPT_IDS).to_pylist()
         plan_errors = shard.column(PLAN_ERROR).to_pylist()
         todo = [i for i, e in enumerate(plan_errors) if e is None]
-        results = generate_isolated(self.backend, [Request(ids[i], prompts[i]) for i in todo])
+        requests = [Request(ids[i], prompts[i]) for i in todo]
+        if self.isolate_rows:
+            results = generate_isolated(self.backend, requests)
+        else:
+            results = list(self.backend.generate(requests)) if requests else []
         by_row: dict[int, Generation | Exception] = dict(zip(todo, results))
         cols: dict[str, list] = {name: [] for name, _ in OUTPUT_SCHEMA}
         stats = ShardStats()

@@ -16,6 +16,10 @@ KV per slot = sum over layers of 2 (K, V) x kv_heads x (P + C) x head_dim x dtyp
 P = the slot capacity (prompt + committed canvases) on full-attention layers and W - 1 on sliding
 layers: a sliding layer's KV does not grow with the context.
 
+Under tensor/expert parallelism (`dgbatch.parallel`) the sizes are read from the sharded modules:
+KV heads, q heads and intermediate sizes are the rank's; the logits stay whole (the vocabulary is
+replicated), so they do not shrink with more ranks.
+
 At real scale the logits dominate: one fp32 [256, 262144] row is 268 MB, so a row costs ~0.54 GB
 of sampler buffers against ~0.1 GB of KV for a 4k context; hence the model is used to pick the
 batch size rather than a fixed number.
@@ -50,10 +54,22 @@ class MemoryModel:
 def _unique_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        key = id(t) if t.device.type == "meta" else t.data_ptr()  # meta tensors have no address
+        if key not in seen:
+            seen.add(key)
             total += t.numel() * t.element_size()
     return total
+
+
+def _local_sizes(model) -> tuple[int, int, int]:
+    """(q heads, dense intermediate, expert intermediate) this process computes: the model's own
+    modules, so a model sharded by `dgbatch.parallel.parallelize` reports its rank's share."""
+    layer = model.model.decoder.layers[0]
+    attn = layer.self_attn
+    experts = getattr(layer, "experts", None)
+    experts = getattr(experts, "experts", experts)  # under ParallelExperts
+    moe = experts.intermediate_dim if experts is not None else 0
+    return attn.q_proj.out_features // attn.head_dim, layer.mlp.gate_proj.out_features, moe
 
 
 def memory_model(model, capacity: int, max_prefill_tokens: int = 8192, stability_threshold: int = 1) -> MemoryModel:
@@ -67,9 +83,9 @@ def memory_model(model, capacity: int, max_prefill_tokens: int = 8192, stability
     kv = sum(2 * s.kv_heads * ((ring if s.sliding else capacity) + canvas) * s.head_dim * nbytes for s in specs)
     state = canvas * (hidden * nbytes + 8 * (2 + stability_threshold)) + 64
     logits = canvas * vocab * (8 + (0 if dtype == torch.float32 else nbytes))
-    heads = text.num_attention_heads
-    moe = text.top_k_experts * 2 * (text.moe_intermediate_size or 0) if getattr(text, "num_experts", None) else 0
-    ffn = 2 * text.intermediate_size + moe
+    heads, inter, moe_inter = _local_sizes(model)
+    moe = text.top_k_experts * 2 * moe_inter if getattr(text, "num_experts", None) else 0
+    ffn = 2 * inter + moe
     acts = canvas * (8 * hidden + ffn) * nbytes + heads * canvas * (capacity + canvas) * 4
     t = max(1, min(max_prefill_tokens, capacity))
     prefill = max_prefill_tokens * (8 * hidden + ffn) * nbytes + heads * max_prefill_tokens * t * 4
