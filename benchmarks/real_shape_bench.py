@@ -30,11 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from engine_bench import DecoderCounter  # noqa: E402
+from engine_bench import DecoderCounter
 
-from dgbatch.engine import EngineBackend  # noqa: E402
-from dgbatch.generation import Request, SamplingParams  # noqa: E402
-from dgbatch.reference import ReferenceBackend  # noqa: E402
+from dgbatch.engine import EngineBackend
+from dgbatch.generation import Request, SamplingParams
+from dgbatch.reference import ReferenceBackend
 
 # google/diffusiongemma-26B-A4B-it's text config (the fields that set shapes and numerics).
 REAL_26B_A4B = dict(

@@ -2,7 +2,6 @@
 
 import json
 
-
 from dgbatch.toy.evaluate import evaluate, load
 from dgbatch.toy.tasks import answer_for, sample_examples
 
