@@ -4,7 +4,7 @@
     python benchmarks/real_shape_bench.py --tiny --device cpu          # a smoke run of the same code
 
 The model is `DiffusionGemmaForBlockDiffusion` built from the real checkpoint's text config
-(`REAL_26B_A4B`, from its config.json: hidden 2816, 16 heads, 8 KV heads on sliding layers and 2 on
+(`shapes.REAL_26B_A4B`, from its config.json: hidden 2816, 16 heads, 8 KV heads on sliding layers and 2 on
 full ones, head dims 256/512, 128 experts top-8, vocab 262,144, canvas 256) with `--layers` layers
 (the real pattern: five sliding, then one full; the last forced full). Weights are random, so no row
 converges early and EOS is rare: every canvas runs all its denoising steps. What differs between the
@@ -13,7 +13,8 @@ benchmark (`engine_bench.py`) measures early exit.
 
 Prompts are random token ids with lengths spread over [--min-prompt, --max-prompt]. Reports output
 tokens/s, slot utilization, decoder calls and peak device memory per backend, and the card's name.
-Each backend runs in this process one after another; `--backends` picks which.
+Each backend runs in this process one after another, each after an unmeasured warm-up batch (the
+first run on a fresh GPU pays one-time set-up); `--backends` picks which.
 """
 
 from __future__ import annotations
@@ -30,68 +31,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import shapes
 from engine_bench import DecoderCounter
 
 from dgbatch.engine import EngineBackend
 from dgbatch.generation import Request, SamplingParams
 from dgbatch.reference import ReferenceBackend
 
-# google/diffusiongemma-26B-A4B-it's text config (the fields that set shapes and numerics).
-REAL_26B_A4B = dict(
-    vocab_size=262144,
-    hidden_size=2816,
-    intermediate_size=2112,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    num_global_key_value_heads=2,
-    head_dim=256,
-    global_head_dim=512,
-    moe_intermediate_size=704,
-    num_experts=128,
-    top_k_experts=8,
-    sliding_window=1024,
-    final_logit_softcapping=30.0,
-    max_position_embeddings=262144,
-    pad_token_id=0,
-    eos_token_id=1,
-    bos_token_id=2,
-)
-REAL_CANVAS = 256
-SMALL_VISION = {
-    "model_type": "gemma4_vision",
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-}
-
-
-def real_shape_config(layers: int, tiny: bool = False):
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaTextConfig
-
-    text = dict(REAL_26B_A4B)
-    canvas = REAL_CANVAS
-    if tiny:  # the same structure at CPU size
-        text.update(vocab_size=4096, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                    num_key_value_heads=2, num_global_key_value_heads=1, head_dim=16, global_head_dim=32,
-                    moe_intermediate_size=32, num_experts=8, top_k_experts=2, sliding_window=64)
-        canvas = 16
-    text["num_hidden_layers"] = layers
-    text["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 or i == layers - 1 else "sliding_attention"
-                           for i in range(layers)]
-    return DiffusionGemmaConfig(text_config=DiffusionGemmaTextConfig(**text), vision_config=SMALL_VISION,
-                                canvas_length=canvas)
-
 
 def build_model(layers: int, device: str, dtype: torch.dtype, tiny: bool):
-    from transformers import DiffusionGemmaForBlockDiffusion
-
     torch.manual_seed(0)
-    with torch.device(device):
-        model = DiffusionGemmaForBlockDiffusion(real_shape_config(layers, tiny))
-    return model.to(dtype).eval()
+    return shapes.random_model(shapes.config(layers, tiny=tiny), device, dtype)
 
 
 def requests(n: int, vocab: int, lo: int, hi: int) -> list[Request]:
@@ -181,11 +131,10 @@ def main() -> None:
         try:
             if name.startswith("engine"):
                 engine = EngineBackend(model, params, b, 0, [1], compile=name == "engine-compiled")
-                if name == "engine-compiled":  # capture once on a small warm-up, as a long job would
-                    t = time.perf_counter()
-                    engine.generate(reqs[:b])
-                    summary["compile_warmup_s"] = round(time.perf_counter() - t, 1)
-                    engine.engine.stats.__init__()
+                t = time.perf_counter()
+                engine.generate(reqs[:b])  # warm-up (and, compiled, the capture a long job pays once)
+                summary[f"{name}_warmup_s"] = round(time.perf_counter() - t, 1)
+                engine.engine.stats.__init__()
                 r = measure(name, engine.generate, reqs, args.device)
                 r["computed_row_forwards"] = engine.stats.computed_row_forwards
                 r["decoder_calls"] = engine.stats.decoder_calls
@@ -197,6 +146,7 @@ def main() -> None:
                         return [g for i in range(0, len(rs), b) for g in ref.generate(rs[i : i + b])]
                 else:
                     fn = ref.generate
+                fn(reqs[:b])  # warm-up: the first run of either backend pays one-time CUDA/cuBLAS set-up
                 with DecoderCounter(model) as counter:
                     r = measure(name, fn, reqs, args.device)
                 r["computed_row_forwards"] = counter.rows

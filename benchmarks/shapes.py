@@ -1,6 +1,6 @@
 """DiffusionGemma 26B-A4B's shape for the parallel benchmarks and memory plans (no weights needed).
 
-The shape is `real_shape_bench.REAL_26B_A4B` (google/diffusiongemma-26B-A4B-it's text config: hidden
+The shape is `REAL_26B_A4B` (google/diffusiongemma-26B-A4B-it's text config: hidden
 2816, 16 q heads, 8 KV heads of dim 256 on sliding layers, 2 KV heads of dim 512 and no v_proj on
 full ones, dense MLP 2112, 128 experts top-8 of intermediate 704, vocab 262,144, window 1024, canvas
 256), with all 30 layers (5 sliding : 1 full). The same values appear in third-party loaders' test
@@ -11,9 +11,30 @@ fixtures of the published config. Check: 25.25 B text parameters, 3.8 B active p
 from __future__ import annotations
 
 import torch
-from real_shape_bench import REAL_26B_A4B, REAL_CANVAS, SMALL_VISION
 
-CANVAS = REAL_CANVAS
+from dgbatch.toy.model import SMALL_VISION
+
+# google/diffusiongemma-26B-A4B-it's text config (the fields that set shapes and numerics).
+REAL_26B_A4B = dict(  # noqa: C408 (keyword form, as in the config class)
+    vocab_size=262144,
+    hidden_size=2816,
+    intermediate_size=2112,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    num_global_key_value_heads=2,
+    head_dim=256,
+    global_head_dim=512,
+    moe_intermediate_size=704,
+    num_experts=128,
+    top_k_experts=8,
+    sliding_window=1024,
+    final_logit_softcapping=30.0,
+    max_position_embeddings=262144,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+CANVAS = 256
 PATTERN = ["sliding_attention"] * 5 + ["full_attention"]
 TEXT_26B_A4B = {**REAL_26B_A4B, "num_hidden_layers": 30}
 

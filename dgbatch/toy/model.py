@@ -5,6 +5,16 @@ from __future__ import annotations
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DiffusionGemmaTextConfig
 
 CANVAS_LENGTH = 16
+# A 1-layer vision tower: the class needs one (`None` builds the default ~160M-parameter tower).
+SMALL_VISION = {
+    "model_type": "gemma4_vision",
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+}
 
 
 def toy_config(vocab_size: int, *, hidden: int = 128, layers: int = 4, sliding_window: int = 48) -> DiffusionGemmaConfig:
@@ -29,16 +39,7 @@ def toy_config(vocab_size: int, *, hidden: int = 128, layers: int = 4, sliding_w
         eos_token_id=1,
         bos_token_id=2,
     )
-    vision = {
-        "model_type": "gemma4_vision",
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "head_dim": 8,
-    }
-    return DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=CANVAS_LENGTH)
+    return DiffusionGemmaConfig(text_config=text, vision_config=SMALL_VISION, canvas_length=CANVAS_LENGTH)
 
 
 def build_toy_model(vocab_size: int, **kw) -> DiffusionGemmaForBlockDiffusion:

@@ -20,6 +20,27 @@ def random_model(vocab: int = 97, *, layers: int = 4, sliding_window: int = 12, 
     return build_toy_model(vocab, hidden=64, layers=layers, sliding_window=sliding_window).eval()
 
 
+def varied_stop_params(**overrides):
+    """Sampling settings under which a random model's rows end at different times.
+
+    Random weights never converge on their own; a confidence threshold near the model's typical mean
+    entropy (~4.0) with no stability requirement makes rows stop after different numbers of steps,
+    and EOS (id 1) is drawn often enough that rows end after different numbers of canvases."""
+    from dgbatch.generation import SamplingParams
+
+    base = dict(
+        max_new_tokens=64,
+        max_denoising_steps=6,
+        entropy_bound=0.5,
+        t_min=0.3,
+        t_max=0.6,
+        stability_threshold=0,
+        confidence_threshold=4.03,
+        seed=11,
+    )
+    return SamplingParams(**{**base, **overrides})
+
+
 def random_requests(n: int, vocab: int, prefix: str = "r") -> list:
     """n seeded prompts of 2-59 random tokens (ids >= 3: no pad/eos/bos), many longer than a small window."""
     from dgbatch.generation import Request
@@ -36,8 +57,10 @@ def toy_requests(tok, n: int, seed: int, prefix: str) -> tuple[list, list]:
 
     examples = sample_examples(n, seed=seed)
     reqs = [
-        Request(f"{prefix}{i}", tok.apply_chat_template([{"role": "user", "content": e.prompt}],
-                                                        add_generation_prompt=True)["input_ids"])
+        Request(
+            f"{prefix}{i}",
+            tok.apply_chat_template([{"role": "user", "content": e.prompt}], add_generation_prompt=True)["input_ids"],
+        )
         for i, e in enumerate(examples)
     ]
     return examples, reqs

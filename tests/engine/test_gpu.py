@@ -7,21 +7,11 @@ import torch
 
 from dgbatch.engine import EngineBackend
 from dgbatch.engine.memory import memory_model
-from dgbatch.generation import SamplingParams
-from tests.engine.helpers import random_model, random_requests
+from tests.engine.helpers import random_model, random_requests, varied_stop_params
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-PARAMS = SamplingParams(
-    max_new_tokens=48,
-    max_denoising_steps=6,
-    entropy_bound=0.5,
-    t_min=0.3,
-    t_max=0.6,
-    stability_threshold=0,
-    confidence_threshold=4.03,
-    seed=5,
-)
+PARAMS = varied_stop_params(max_new_tokens=48, seed=5)
 
 
 def test_peak_memory_stays_within_the_model():

@@ -6,21 +6,9 @@ import random
 
 from dgbatch.engine import EngineBackend
 from dgbatch.generation import SamplingParams
-from tests.engine.helpers import random_model, random_requests
+from tests.engine.helpers import random_model, random_requests, varied_stop_params
 
-# Random weights never converge on their own; a confidence threshold near the model's typical mean
-# entropy (~4.0) with no stability requirement makes rows stop after different numbers of steps,
-# and EOS (id 1) is drawn often enough that rows end after different numbers of canvases.
-PARAMS = SamplingParams(
-    max_new_tokens=64,
-    max_denoising_steps=6,
-    entropy_bound=0.5,
-    t_min=0.3,
-    t_max=0.6,
-    stability_threshold=0,
-    confidence_threshold=4.03,
-    seed=11,
-)
+PARAMS = varied_stop_params()
 VOCAB = 61
 
 
