@@ -233,7 +233,7 @@ def schedule(ray, cfg: JobConfig, layout: Layout, meta: dict, todo: list[ShardMe
         for ref in call.refs:
             inflight.pop(ref, None)
         replicas[a].kill()
-        last_actor_error = redact.scrub(f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}")
+        last_actor_error = _brief(err)
         if call.shard is not None:
             _retry_or_fail(call.shard, err, attempts, failed, queue, r.max_shard_attempts)
         start_failures[a] = start_failures[a] + 1 if call.kind == "start" else 0
@@ -323,9 +323,14 @@ def schedule(ray, cfg: JobConfig, layout: Layout, meta: dict, todo: list[ShardMe
     return failed
 
 
+def _brief(err: Exception) -> str:
+    """An error in one scrubbed line for logs and failure records: its type and its message's last line."""
+    return redact.scrub(f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}")
+
+
 def _retry_or_fail(sid: str, err: Exception, attempts: Counter, failed: dict, queue: deque, limit: int) -> None:
     attempts[sid] += 1
-    reason = redact.scrub(f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}")
+    reason = _brief(err)
     if attempts[sid] >= limit:
         failed[sid] = f"failed {attempts[sid]} attempts; last: {reason}"
         log.error("shard %s failed for good: %s", sid, reason)

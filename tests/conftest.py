@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -229,3 +230,17 @@ def engine_reproduction(cfg, out_root: Path) -> dict[str, str]:
         for g in backend.generate(reqs):
             texts[g.row_id] = tok.decode([x for x in g.token_ids if x not in eos], skip_special_tokens=True)
     return texts
+
+
+def start_job_until_first_commit(cfg, data: Path) -> tuple[threading.Thread, dict]:
+    """`driver.run(cfg)` in a thread; returns (thread, result dict: 'code' once it ends) as soon as a
+    shard is committed under `data` (or after 300 s), so a test can break something mid-run."""
+    from dgbatch import driver
+
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("code", driver.run(cfg)))
+    t.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not (data.exists() and any(data.iterdir())):
+        time.sleep(0.1)
+    return t, result

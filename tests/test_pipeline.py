@@ -1,7 +1,6 @@
 """The pipeline end to end on a real local Ray cluster and the shipped toy checkpoint."""
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 from dgbatch import driver
 from dgbatch.config import ConfigError, load_config
 from dgbatch.toy.tasks import answer_for, sample_examples
-from tests.conftest import engine_reproduction, read_output, write_prompts
+from tests.conftest import engine_reproduction, read_output, start_job_until_first_commit, write_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["sampling.max_new_tokens=32"]  # short answers keep CPU tests quick
@@ -135,13 +134,8 @@ def test_killed_replica_shard_is_requeued_and_exactly_once_holds(ray_local, tmp_
     prompts = short_prompts(24, seed=2)
     path = write_prompts(tmp_path / "in.parquet", prompts)
     cfg = job_config(path, *FAST, "replicas.num_replicas=2", "plan.shard_rows=2", "engine.batch_size=2")
-    result = {}
-    t = threading.Thread(target=lambda: result.setdefault("code", driver.run(cfg)))
-    t.start()
     data = tmp_path / "out" / "data"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (data.exists() and any(data.iterdir())):
-        time.sleep(0.2)
+    t, result = start_job_until_first_commit(cfg, data)
     names = [a["name"] for a in ray_local.util.list_named_actors(all_namespaces=True)
              if a["name"].startswith("replica-")]
     assert names, "no replica actors found"

@@ -3,13 +3,12 @@ rank killed mid-run brings its group down and back without losing or duplicating
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
 from dgbatch import driver
-from tests.conftest import engine_reproduction, read_output, write_prompts
+from tests.conftest import engine_reproduction, read_output, start_job_until_first_commit, write_prompts
 from tests.test_pipeline import FAST, assert_exactly_once, short_prompts
 
 TP2 = ["parallel.tp_size=2", "parallel.timeout_s=60"]
@@ -42,13 +41,8 @@ def test_a_killed_rank_takes_its_group_down_and_the_shard_is_rerun_exactly_once(
     prompts = short_prompts(24, seed=7)
     path = write_prompts(tmp_path / "in.parquet", prompts)
     cfg = job_config(path, *FAST, *TP2, "plan.shard_rows=2", "engine.batch_size=2")
-    result = {}
-    t = threading.Thread(target=lambda: result.setdefault("code", driver.run(cfg)))
-    t.start()
     data = tmp_path / "out" / "data"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (data.exists() and any(data.iterdir())):
-        time.sleep(0.1)
+    t, result = start_job_until_first_commit(cfg, data)
     first = _group_ranks(ray_local)
     assert [n.split("-")[2] for n in first] == ["g1", "g1"], first  # replica-0-g1-<run>-rank{0,1}
     committed_before = len(list(data.iterdir()))
