@@ -101,7 +101,7 @@ def main() -> None:
         help="the checkpoint's generation_config.json, or transformers' defaults (48 steps, t 0.4-0.8)",
     )
     ap.add_argument("--skip-reference", action="store_true", help="engine only (quick check)")
-    ap.add_argument("--phases", action="store_true", help="also time the engine's encoder, decoder and sampler")
+    ap.add_argument("--phases", action="store_true", help="also time the engine's model passes and sampler")
     ap.add_argument("--compile", action="store_true", help="engine with torch.compile (after a warm-up run)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -140,10 +140,11 @@ def main() -> None:
     r["computed_row_forwards"] = engine.stats.computed_row_forwards
     r["decoder_calls"] = engine.stats.decoder_calls
     r["decoder_batch_sizes"] = engine.stats.batch_sizes
+    r["encoder_batches"] = engine.stats.encoder_calls  # all but the over-long ones share the decoder's pass
     if args.phases:  # a second, instrumented engine run (host timers: meaningful on CPU, not on a GPU)
         from dgbatch.engine import loop
 
-        phases = {"encode": [0.0, 0], "decode": [0.0, 0], "sampler": [0.0, 0]}
+        phases = {"model": [0.0, 0], "sampler": [0.0, 0]}
 
         def timed(fn, key):
             def wrapper(*a, **k):
@@ -156,7 +157,7 @@ def main() -> None:
             return wrapper
 
         runner = engine.engine.runner
-        runner.encode, runner.decode = timed(runner.encode, "encode"), timed(runner.decode, "decode")
+        runner.forward = timed(runner.forward, "model")  # every pass: encoder, decoder or both at once
         draft = loop.draft
         loop.draft = timed(draft, "sampler")
         try:
@@ -165,7 +166,7 @@ def main() -> None:
             r["phases"] = {"wall_s": time.perf_counter() - t0, **{k: {"s": v[0], "calls": v[1]} for k, v in phases.items()}}
         finally:
             loop.draft = draft
-            del runner.encode, runner.decode  # back to the class's methods
+            del runner.forward  # back to the class's method
         print("engine phases:", json.dumps(r["phases"]))
     results.append(r)
 

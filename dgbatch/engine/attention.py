@@ -7,37 +7,36 @@ cache instead of a `Cache` object), so the weights and the math stay the model's
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from transformers.models.diffusion_gemma.modeling_diffusion_gemma import apply_rotary_pos_emb
 
 
 def project_qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q [N, Hq, S, D], k and v [N, Hkv, S, D] for hidden states x [N, S, hidden].
+    """q [N, S, Hq, D], k and v [N, S, Hkv, D] (token-major) for hidden states x [N, S, hidden].
 
     Full-attention layers have no v_proj: V is K's projection taken before k_norm and RoPE (then
     v_norm), exactly as `DiffusionGemma*TextAttention.forward` does.
     """
     shape = (*x.shape[:-1], -1, attn.head_dim)
-    q = attn.q_norm(attn.q_proj(x).view(shape))
-    q = apply_rotary_pos_emb(q, cos, sin, unsqueeze_dim=2).transpose(1, 2)
+    q = apply_rotary_pos_emb(attn.q_norm(attn.q_proj(x).view(shape)), cos, sin, unsqueeze_dim=2)
     k = attn.k_proj(x).view(shape)
     v = attn.v_proj(x).view(shape) if attn.v_proj is not None else k
-    k = apply_rotary_pos_emb(attn.k_norm(k), cos, sin, unsqueeze_dim=2).transpose(1, 2)
-    v = attn.v_norm(v).transpose(1, 2)
-    return q, k, v
+    k = apply_rotary_pos_emb(attn.k_norm(k), cos, sin, unsqueeze_dim=2)
+    return q, k, attn.v_norm(v)
+
+
+def sdpa(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA with the layer's scaling, GQA without materialising repeated K/V.
+
+    q: [N, Hq, S, D]; k, v: [N, Hkv, L, D]; mask: bool, broadcastable to [N, 1, S, L] -> [N, Hq, S, D].
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """SDPA over the slot's keys (GQA without materialising repeated K/V), then o_proj.
-
-    q: [N, Hq, S, D]; k, v: [N, Hkv, L, D]; mask: bool, broadcastable to [N, 1, S, L] -> [N, S, hidden].
-    """
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1]
-    )  # [N, Hq, S, D]
+    """`sdpa`, then o_proj: q [N, Hq, S, D], k and v [N, Hkv, L, D] -> [N, S, hidden]."""
+    out = sdpa(attn, q, k, v, mask)
     n, _, s, _ = out.shape
     return attn.o_proj(out.transpose(1, 2).reshape(n, s, -1))
 
@@ -51,10 +50,3 @@ def feed_forward(layer, h: torch.Tensor) -> torch.Tensor:
     moe = layer.experts(layer.pre_feedforward_layernorm_2(flat), top_k_index, top_k_weights)
     moe = layer.post_feedforward_layernorm_2(moe.reshape(residual.shape))
     return residual + layer.post_feedforward_layernorm(dense + moe)
-
-
-def layer_forward(layer, h: torch.Tensor, attention: Callable[[object, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """One encoder or decoder layer with our attention: `attention(self_attn, normed_h) -> [N, S, hidden]`."""
-    a = attention(layer.self_attn, layer.input_layernorm(h))
-    h = h + layer.post_attention_layernorm(a)
-    return feed_forward(layer, h) * layer.layer_scalar

@@ -146,29 +146,18 @@ class SlotKVCache:
             ok &= k_pos[:, None, :] > q_pos[:, :, None] - self.window
         return ok[:, None]
 
-    def append(
-        self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, new: torch.Tensor
-    ) -> None:
-        """Store new tokens' K/V [N, H, T, D] (row b: its first new[b] tokens) after each row's prefix.
-
-        rows: [N] slots (a repeated slot must carry identical data); lengths: [N] committed tokens
-        before; new: [N] tokens added.
-        Call `grow` once after every layer is appended.
-        """
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch) -> None:
+        """Store an encoder pass's new K/V (packed [T, H, D]) where `batch` (an `EncoderBatch`) says:
+        every token on full-attention layers; on sliding layers only the tokens that stay in the
+        ring (each row's last R), so no entry is written twice. Call `commit_lengths` once per pass."""
         for store, x in ((self.keys[layer], k), (self.values[layer], v)):
-            if not self.specs[layer].sliding:
-                b, t = torch.nonzero(torch.arange(x.shape[2], device=new.device)[None, :] < new[:, None], as_tuple=True)
-                store[rows[b], :, self.canvas + lengths[b] + t] = x[b, :, t]  # [M, H, D]
+            if self.specs[layer].sliding:
+                store[batch.ring_slots, :, batch.ring_entries] = x[batch.ring_tokens]
             else:
-                ring_pos = ring_positions(lengths + new, self.ring)  # [N, R], after the append
-                from_new = ring_pos >= lengths[:, None]
-                idx = (ring_pos - lengths[:, None]).clamp(0, x.shape[2] - 1)[:, None, :, None]
-                fresh = x.gather(2, idx.expand(-1, x.shape[1], -1, x.shape[3]))  # [N, H, R, D]
-                old = store[rows, :, self.canvas :]
-                store[rows, :, self.canvas :] = torch.where(from_new[:, None, :, None], fresh, old)
+                store[batch.full_slots, :, batch.full_entries] = x
 
-    def grow(self, rows: torch.Tensor, new: torch.Tensor) -> None:
-        self.lengths[rows] += new
+    def commit_lengths(self, batch) -> None:
+        self.lengths[batch.rows] = batch.lengths_after
 
     def move(self, src: int, dst: int) -> None:
         """Copy one slot's KV and length to another slot (compaction; not per step)."""

@@ -7,11 +7,15 @@ after which its canvas converges (or runs out of steps) it costs no decoder comp
 
     loop:
       refill  free slots take the next prompts of the queue
-      encode  one encoder pass (a few when lengths differ a lot) over the new prompts and the
-              canvases finished in the previous step; each of those rows starts a new canvas
-      denoise one decoder step + sampler over slots [0, n), n from a fixed set of batch sizes
+      step    one model pass: encode the new prompts and the canvases finished in the previous
+              step (packed, no padding) and, with their K/V in place, one decoder step over slots
+              [0, n), n from a fixed set of batch sizes, then the sampler; rows that were just
+              encoded already denoise their next canvas in it
       finish  rows whose canvas is done: EOS / last canvas -> output, slot freed; otherwise the
-              canvas waits for the next encode (its commit)
+              canvas waits for the next step's encode (its commit)
+
+(The compiled engine keeps the decoder step's shapes static, so it encodes in a pass of its own
+first; so does a refill whose prompts exceed `max_prefill_tokens`.)
 
 While the queue lasts every slot holds a denoising row, so every decoder row-forward is useful.
 When it runs dry, rows are compacted into the lowest slots so the decoder drops to a smaller batch
@@ -29,6 +33,7 @@ import torch
 
 from dgbatch.engine import rng
 from dgbatch.engine.outputs import finish, has_eos
+from dgbatch.engine.packing import EncoderBatch, pack
 from dgbatch.engine.runner import ModelRunner
 from dgbatch.engine.sampler import accept_mask, draft, renoise, stop_and_update_history, temperature
 from dgbatch.generation import Generation, Request, SamplingParams
@@ -175,48 +180,53 @@ class Engine:
                 self.keys[s] = torch.tensor(rng.row_key(self.params.seed, req.row_id))
                 self.stats.prefill_rows += 1
 
-    def _encode(self) -> None:
-        """Encode every pending prompt and finished canvas, then start those rows' next canvases.
-
-        Rows are packed by length into few passes: padded tokens at most 1.5x the real ones (the
-        encoder's cost is mostly per token), and at most `max_prefill_tokens` per pass."""
+    def _pending(self) -> list[EncoderBatch]:
+        """Pack every pending prompt and finished canvas into encoder passes (at most
+        `max_prefill_tokens` new tokens each) and start those rows' next canvases, which the last
+        of those passes may already denoise (`ModelRunner.forward`)."""
         todo = sorted((len(r.pending), s) for s, r in enumerate(self.rows) if r is not None and r.pending is not None)
-        chunk: list[int] = []
-        real = 0
-        for t, s in todo:  # ascending length: t is the padded width if s joins
-            padded = t * (len(chunk) + 1)
-            if chunk and (padded > 1.5 * (real + t) or padded > self.max_prefill_tokens):
-                self._encode_pass(chunk)
-                chunk, real = [], 0
-            chunk.append(s)
-            real += t
-        if chunk:
-            self._encode_pass(chunk)
-
-    def _encode_pass(self, slots: list[int]) -> None:
+        if not todo:
+            return []
+        passes: list[list[int]] = [[]]
+        tokens = 0
+        for t, s in todo:
+            if passes[-1] and tokens + t > self.max_prefill_tokens:
+                passes.append([])
+                tokens = 0
+            passes[-1].append(s)
+            tokens += t
+        batches = []
+        for slots in passes:
+            rows = [self.rows[s] for s in slots]
+            batches.append(pack(self.cache, slots, [r.pending for r in rows], [r.length for r in rows], self._bound,
+                                max_tokens=self.max_prefill_tokens))
+            for r in rows:
+                self.stats.commit_rows += bool(r.canvases)
+                r.length += len(r.pending)
+                r.pending = None
         dev = self.runner.device
-        rows = [self.rows[s] for s in slots]
-        ids = torch.full((len(rows), max(len(r.pending) for r in rows)), self.pad_id, dtype=torch.int64)
-        for b, r in enumerate(rows):
-            ids[b, : len(r.pending)] = torch.tensor(r.pending)
-        slot_t = torch.tensor(slots, device=dev)
-        new = torch.tensor([len(r.pending) for r in rows], device=dev)
-        self.runner.encode(self.cache, slot_t, ids.to(dev), new, max_len=self._bound(r.length for r in rows))
-        self._reset_canvas(slot_t, torch.tensor([len(r.canvases) for r in rows], device=dev))
-        for r in rows:
-            self.stats.commit_rows += bool(r.canvases)
-            r.length += len(r.pending)
-            r.pending = None
-        self.stats.encoder_calls += 1
+        slots = [s for _, s in todo]
+        self._reset_canvas(torch.tensor(slots, device=dev),
+                           torch.tensor([len(self.rows[s].canvases) for s in slots], device=dev))
+        self.stats.encoder_calls += len(batches)
+        return batches
 
-    def _denoise(self, n: int, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One denoising step for slots [0, n) whose committed lengths are <= max_len (None: any).
+    def _encode(self) -> None:
+        """Encode every pending row in encoder-only passes (the compiled engine's path)."""
+        for batch in self._pending():
+            self.runner.encode(self.cache, batch)
+
+    def _denoise(
+        self, n: int, max_len: int | None = None, batch: EncoderBatch | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One denoising step for slots [0, n) whose committed lengths are <= max_len (None: any),
+        in the same model pass as encoding `batch` when given.
 
         Returns (done [n] bool, argmax canvas [n, C]). Slots without a denoising row compute scratch.
         """
         p = self.params
         keys, cidx, steps = self.keys[:n], self.canvas_idx[:n], self.steps[:n]
-        logits = self.runner.decode(self.cache, n, self.tokens[:n], self.soft[:n], max_len)  # [n, C, V] fp32
+        logits = self.runner.forward(self.cache, n, self.tokens[:n], self.soft[:n], batch, max_len)  # [n, C, V] fp32
         u = rng.uniform(keys, cidx, steps, rng.STREAM_SAMPLE, self.canvas)  # [n, C]
         d = draft(logits, temperature(steps, p), u, self.runner)
         del logits
@@ -277,14 +287,20 @@ class Engine:
         out: list[Generation | None] = [None] * len(requests)
         while queue or any(r is not None for r in self.rows):
             self._refill(queue)
-            self._encode()
             if not queue:
                 self._compact()
+            batches = self._pending()
+            fused = batches.pop() if batches and not self.compile else None
+            for batch in batches:  # encoder-only: under compile (a static step), or past max_prefill_tokens
+                self.runner.encode(self.cache, batch)
             live = [s for s in range(self.num_slots) if self.rows[s] is not None]
             n = next(b for b in self.sizes if b > live[-1])
+            bound = self._bound(self.rows[s].length for s in live)
             if self.compile:
                 torch.compiler.cudagraph_mark_step_begin()
-            done, argmax = self._step(n, self._bound(self.rows[s].length for s in live))
+                done, argmax = self._step(n, bound)
+            else:
+                done, argmax = self._step(n, bound, fused)
             host = torch.cat([done[:, None].long(), argmax], dim=1).tolist()  # the step's one sync
             for s in live:
                 self.rows[s].forwards += 1

@@ -1,21 +1,47 @@
-"""The two model passes the engine needs, on transformers' modules and the slot cache.
+"""The model pass the engine needs, on transformers' modules and the slot cache.
 
-- `encode`: the encoder (causal, windowed on sliding layers) over new tokens of some rows, after
-            each row's committed prefix; stores their K/V. New prompts (empty prefix) and finished
-            canvases (C tokens) go through the same pass, so one loop iteration needs one call.
-            The last layer only has to produce K/V (nothing reads its output): its attention and
-            feed-forward are skipped.
-- `decode`: the decoder over the current canvases of slots [0, n) (bidirectional over the prefix
-            and the canvas); returns softcapped fp32 logits. Its shapes depend only on n (and on
-            `max_len` when the caller bounds the prefix read).
+One pass can do two things:
+- encode: the encoder (causal, windowed on sliding layers) over new tokens of some rows, after each
+          row's committed prefix, packed without padding (`packing.EncoderBatch`); stores their K/V.
+          New prompts (empty prefix) and finished canvases (C tokens) go through the same pass.
+- decode: the decoder over the current canvases of slots [0, n) (bidirectional over the prefix and
+          the canvas); returns softcapped fp32 logits. Its shapes depend only on n (and on `max_len`
+          when the caller bounds the prefix read).
+
+DiffusionGemma's encoder and decoder share every layer weight (transformers ties them), so when a
+pass does both, encoder and decoder tokens go through each layer's norms, projections, MLP and
+experts together; only attention is per side. Layer by layer, the encoder tokens' K/V are stored
+before the decoder's attention reads the prefix, so a row whose canvas is being committed already
+denoises its next canvas in the same pass. The engine then makes one model pass per loop iteration,
+not one encoder and one decoder pass. A checkpoint whose two sides differ runs them one after the
+other. The encoder tokens skip the last layer's attention and feed-forward: only its K/V are read.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dgbatch.engine.attention import attend, layer_forward, project_qkv
+from dgbatch.engine.attention import feed_forward, project_qkv, sdpa
 from dgbatch.engine.cache import SlotKVCache, layer_specs
+from dgbatch.engine.packing import EncoderBatch
+
+
+def shares_weights(enc, dec) -> bool:
+    """True when the encoder's layers compute exactly what the decoder's do (the same weight storage,
+    equal buffers and RoPE tables), so one pass may run both sides' tokens through the decoder's modules."""
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+    for a, b in ((enc.layers, dec.layers), (enc.rotary_emb, dec.rotary_emb)):
+        pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+        if pa.keys() != pb.keys() or not all(same(pa[k], pb[k]) for k in pa):
+            return False
+        ba, bb = dict(a.named_buffers()), dict(b.named_buffers())
+        if ba.keys() != bb.keys() or not all(torch.equal(ba[k], bb[k]) for k in ba):
+            return False
+    return same(enc.embed_tokens.weight, dec.embed_tokens.weight) and torch.equal(
+        enc.embed_tokens.embed_scale, dec.embed_tokens.embed_scale)
 
 
 class ModelRunner:
@@ -37,6 +63,7 @@ class ModelRunner:
         self.vocab_size = text.vocab_size
         self.hidden_size = text.hidden_size
         self.specs = layer_specs(model)
+        self.fused = shares_weights(enc, dec)
 
     @property
     def device(self) -> torch.device:
@@ -52,68 +79,88 @@ class ModelRunner:
     def _rope(self, rope, h: torch.Tensor, positions: torch.Tensor) -> dict:
         return {t: rope(h, positions, t) for t in set(self.layer_types)}
 
-    def encode(
-        self, cache: SlotKVCache, rows: torch.Tensor, ids: torch.Tensor, new: torch.Tensor, max_len: int | None = None
-    ) -> None:
-        """Encode new tokens after each row's committed prefix and store their K/V.
+    def encode(self, cache: SlotKVCache, batch: EncoderBatch) -> None:
+        """Encode `batch`'s new tokens after each row's committed prefix and store their K/V."""
+        self.forward(cache, 0, None, None, batch)
 
-        rows: [N] slots; ids: [N, T] right-padded; new: [N] real tokens per row; max_len: an upper
-        bound on the rows' committed lengths (reads fewer prefix entries), default all. A prompt is a
-        row with an empty prefix, a finished canvas one with T = C: one pass serves both.
-        """
-        lengths = cache.lengths[rows]  # [N]
-        t = ids.shape[1]
-        positions = lengths[:, None] + torch.arange(t, device=ids.device)[None, :]  # [N, T]
-        masks = {s: cache.encoder_mask(lengths, t, s, max_len) for s in (False, True)}  # [N, 1, T, prefix + T]
-        h = self.enc_embed(ids)  # [N, T, hidden]
-        rope = self._rope(self.enc_rope, h, positions)
-        last = len(self.enc_layers) - 1
-        for i, layer in enumerate(self.enc_layers):
-            cos, sin = rope[self.layer_types[i]]
-
-            def attention(attn, x, i=i, cos=cos, sin=sin):
-                q, k, v = project_qkv(attn, x, cos, sin)
-                keys, values = cache.encoder_kv(i, rows, k, v, max_len)
-                cache.append(i, rows, k, v, lengths, new)
-                return attend(attn, q, keys, values, masks[self.specs[i].sliding])
-
-            if i == last:  # nothing reads the last layer's output: only its K/V are needed
-                _, k, v = project_qkv(layer.self_attn, layer.input_layernorm(h), cos, sin)
-                cache.append(i, rows, k, v, lengths, new)
-            else:
-                h = layer_forward(layer, h, attention)
-        cache.grow(rows, new)
+    def decode(
+        self, cache: SlotKVCache, n: int, canvas: torch.Tensor, soft: torch.Tensor, max_len: int | None = None
+    ) -> torch.Tensor:
+        """Decoder pass over slots [0, n): canvas [n, C], soft embeddings [n, C, hidden] -> logits [n, C, V] fp32."""
+        return self.forward(cache, n, canvas, soft, None, max_len)
 
     def soft_embedding(self, probs: torch.Tensor) -> torch.Tensor:
         """Self-conditioning input from a softmax [N, C, V] (fp32): probs @ E * embed_scale -> [N, C, hidden]."""
         w = self.dec_embed.weight
         return torch.matmul(probs.to(w.dtype), w) * self.dec_embed.embed_scale.to(w.dtype)
 
-    def decode(
-        self, cache: SlotKVCache, n: int, canvas: torch.Tensor, soft: torch.Tensor, max_len: int | None = None
-    ) -> torch.Tensor:
-        """Decoder pass over slots [0, n): canvas [n, C], soft embeddings [n, C, hidden] -> logits [n, C, V] fp32.
+    def forward(
+        self,
+        cache: SlotKVCache,
+        n: int,
+        canvas: torch.Tensor | None,
+        soft: torch.Tensor | None,
+        batch: EncoderBatch | None = None,
+        max_len: int | None = None,
+    ) -> torch.Tensor | None:
+        """Encode `batch` (if given), then decode slots [0, n) (if n > 0) reading the prefix with it.
 
-        max_len: an upper bound on the rows' committed lengths (full-attention layers then read a
-        shorter view), default all: one static shape. The soft embeddings are zeros at a canvas's
-        first step, which is what transformers' decoder computes for `self_conditioning_logits=None`.
+        canvas [n, C] and soft embeddings [n, C, hidden] (zeros at a canvas's first step, which is
+        what transformers' decoder computes for `self_conditioning_logits=None`); max_len: an upper
+        bound on the decoded rows' committed lengths (full-attention layers then read a shorter
+        view), default all: one static shape. Returns logits [n, C, V] fp32, or None when n == 0.
         """
-        lengths = cache.lengths[:n]  # [n]
-        positions = lengths[:, None] + torch.arange(self.canvas, device=canvas.device)[None, :]  # [n, C]
-        masks = {s: cache.decoder_mask(lengths, s, max_len) for s in (False, True)}  # [n, 1, 1, C + prefix]
-        h = self.self_conditioning(self.dec_embed(canvas), soft)  # [n, C, hidden]
-        rope = self._rope(self.dec_rope, h, positions)
-        for i, layer in enumerate(self.dec_layers):
-            cos, sin = rope[self.layer_types[i]]
+        if batch is not None and n and not self.fused:
+            self._pass(cache, 0, None, None, batch, None)
+            batch = None
+        return self._pass(cache, n, canvas, soft, batch, max_len)
 
-            def attention(attn, x, i=i, cos=cos, sin=sin):
-                q, k, v = project_qkv(attn, x, cos, sin)
-                cache.write_canvas(i, n, k, v)
-                keys, values = cache.decoder_kv(i, n, max_len)  # views: no copy
-                return attend(attn, q, keys, values, masks[self.specs[i].sliding])
-
-            h = layer_forward(layer, h, attention)
-        logits = self.lm_head(self.dec_norm(h)).float()  # [n, C, V]; a no-op cast for fp32 weights
+    def _pass(self, cache, n, canvas, soft, batch, max_len):
+        c, nd = self.canvas, n * self.canvas  # decoder tokens come first in the pass, then encoder tokens
+        layers, rope = (self.dec_layers, self.dec_rope) if n else (self.enc_layers, self.enc_rope)
+        embeds, positions = [], []
+        if batch is not None:
+            cache.commit_lengths(batch)  # what the decoder reads; encoder groups carry the lengths before
+            enc_masks = [{s: cache.encoder_mask(g.lengths, g.width, s, g.max_len) for s in (False, True)}
+                         for g in batch.groups]  # [G, 1, width, prefix + width]
+        if n:
+            lengths = cache.lengths[:n]
+            positions.append((lengths[:, None] + torch.arange(c, device=lengths.device)[None, :]).reshape(nd))
+            embeds.append(self.self_conditioning(self.dec_embed(canvas), soft).reshape(nd, -1))
+            dec_masks = {s: cache.decoder_mask(lengths, s, max_len) for s in (False, True)}  # [n, 1, 1, C + prefix]
+        if batch is not None:
+            positions.append(batch.positions)
+            embeds.append(self.enc_embed(batch.ids))
+        h = torch.cat(embeds)[None] if len(embeds) > 1 else embeds[0][None]  # [1, nd + T, hidden]
+        pos = torch.cat(positions)[None] if len(positions) > 1 else positions[0][None]
+        cos_sin = self._rope(rope, h, pos)
+        last = len(layers) - 1
+        for i, layer in enumerate(layers):
+            attn, sliding = layer.self_attn, self.specs[i].sliding
+            q, k, v = (t[0] for t in project_qkv(attn, layer.input_layernorm(h), *cos_sin[self.layer_types[i]]))
+            outs = []  # [tokens, Hq * D] per side, in pass order
+            if n:
+                qd, kd, vd = (t[:nd].view(n, c, -1, t.shape[-1]).transpose(1, 2) for t in (q, k, v))
+                cache.write_canvas(i, n, kd, vd)
+            if batch is not None:
+                qe, ke, ve = q[nd:], k[nd:], v[nd:]
+                if i < last:
+                    for g, m in zip(batch.groups, enc_masks):
+                        keys, values = cache.encoder_kv(  # the prefix as it was before this pass
+                            i, g.rows, g.to_padded(ke[g.start : g.end]), g.to_padded(ve[g.start : g.end]), g.max_len)
+                        outs.append(g.to_packed(sdpa(attn, g.to_padded(qe[g.start : g.end]), keys, values, m[sliding])))
+                cache.append(i, ke, ve, batch)
+            if n:
+                keys, values = cache.decoder_kv(i, n, max_len)  # views: no copy; includes this pass's commits
+                outs.insert(0, sdpa(attn, qd, keys, values, dec_masks[sliding]).transpose(1, 2).reshape(nd, -1))
+            if i == last and batch is not None:  # nothing reads the encoder tokens' last-layer output
+                if not n:
+                    return None
+                h = h[:, :nd]
+            a = attn.o_proj(torch.cat(outs)[None] if len(outs) > 1 else outs[0][None])
+            h = h + layer.post_attention_layernorm(a)
+            h = feed_forward(layer, h) * layer.layer_scalar
+        logits = self.lm_head(self.dec_norm(h[0])).view(n, c, -1).float()  # [n, C, V]; no-op cast for fp32
         if self.softcap is not None:
             logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dgbatch.engine.packing import pack
 from dgbatch.engine.runner import ModelRunner
 from tests.engine.helpers import TransformersOracle, random_model
 
@@ -15,26 +16,35 @@ def _prompts(vocab: int, lengths: list[int], seed: int = 1) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def _engine_logits(model, prompts, canvases, canvas, sc_logits, slots=None, max_len=None):
-    """Encode `prompts` into `slots`, commit `canvases`, decode `canvas` with self-conditioning."""
+def _engine_logits(model, prompts, canvases, canvas, sc_logits, slots=None, max_len=None, mode="separate"):
+    """Encode `prompts` into `slots`, commit `canvases`, decode `canvas` with self-conditioning.
+
+    mode: "separate" (encoder passes, then a decoder pass), "fused" (the last encoder pass and the
+    decoder pass are one model pass, as the engine runs them), "unfused" (same call, but the runner
+    is told the two sides differ, so it runs them one after the other)."""
     runner = ModelRunner(model)
+    if mode == "unfused":
+        runner.fused = False
     n = len(prompts)
-    slots = torch.arange(n) if slots is None else slots
-    cache = runner.new_cache(num_slots=int(slots.max()) + 1, capacity=max(map(len, prompts)) + 16 * len(canvases))
-    width = max(map(len, prompts))
-    ids = torch.zeros((n, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p)
-    runner.encode(cache, slots, ids, torch.tensor([len(p) for p in prompts]))
-    for c in canvases:
-        runner.encode(cache, slots, c, torch.full((n,), c.shape[1]), max_len=max_len)
+    slots = list(range(n)) if slots is None else slots
+    cache = runner.new_cache(num_slots=max(slots) + 1, capacity=max(map(len, prompts)) + 16 * len(canvases))
+    passes = [list(prompts)] + [c.tolist() for c in canvases]
+    lengths = [0] * n
+    last = None
+    for k, tokens in enumerate(passes):
+        batch = pack(cache, slots, tokens, lengths, lambda _: max_len)
+        lengths = [length + len(t) for length, t in zip(lengths, tokens)]
+        if mode != "separate" and k == len(passes) - 1:
+            last = batch
+        else:
+            runner.encode(cache, batch)
     # decode runs on slots [0, S): place the rows' canvases there
     full = torch.zeros((cache.num_slots, canvas.shape[1]), dtype=torch.long)
     full[slots] = canvas
     soft = torch.zeros((cache.num_slots, canvas.shape[1], runner.hidden_size))
     if sc_logits is not None:
         soft[slots] = runner.soft_embedding(sc_logits.softmax(-1, dtype=torch.float32))
-    return runner.decode(cache, cache.num_slots, full, soft, max_len)[slots]
+    return runner.forward(cache, cache.num_slots, full, soft, last, max_len)[slots]
 
 
 @torch.inference_mode()
@@ -50,10 +60,10 @@ def _check(model, lengths, num_canvases, with_sc, slots=None, max_len=None):
     for c in canvases:
         oracle.commit(c)
     ref = oracle.decode(canvas, sc)
-    ours = _engine_logits(model, prompts, canvases, canvas, sc, slots, max_len)
-    diff = (ours - ref).abs().max().item()
-    assert diff <= TOL, f"max abs logits diff {diff:.2e} > {TOL}"
-    return diff
+    for mode in ("separate", "fused", "unfused"):
+        ours = _engine_logits(model, prompts, canvases, canvas, sc, slots, max_len, mode)
+        diff = (ours - ref).abs().max().item()
+        assert diff <= TOL, f"{mode}: max abs logits diff {diff:.2e} > {TOL}"
 
 
 def test_single_row_prefill_only():
@@ -73,10 +83,25 @@ def test_context_longer_than_sliding_window():
 def test_window_shorter_than_canvas_and_scattered_slots():
     # a window of 6 is shorter than one canvas (16): the commit itself must apply the window
     model = random_model(sliding_window=6, layers=3)
-    _check(model, [4, 13], num_canvases=2, with_sc=True, slots=torch.tensor([3, 1]))
+    _check(model, [4, 13], num_canvases=2, with_sc=True, slots=[3, 1])
 
 
 def test_reading_a_bounded_prefix_view():
     # the eager engine reads only the first `max_len` >= every length committed entries
     model = random_model(sliding_window=12)
     _check(model, [21, 9], num_canvases=2, with_sc=True, max_len=64)
+
+
+def test_encoder_and_decoder_share_one_pass_when_tied():
+    # transformers ties every encoder layer weight to the decoder's; the runner relies on it to fuse
+    assert ModelRunner(random_model()).fused
+    assert ModelRunner(random_model(sliding_window=6, layers=3)).fused
+
+
+def test_untied_weights_run_encoder_and_decoder_apart():
+    # a checkpoint whose decoder differs from its encoder must not share one pass: the runner sees it
+    model = random_model(sliding_window=12)
+    gate = model.model.decoder.layers[1].mlp.gate_proj
+    gate.weight = torch.nn.Parameter(gate.weight.detach() * 1.5)
+    assert not ModelRunner(model).fused
+    _check(model, [21, 9, 14], num_canvases=1, with_sc=True)

@@ -38,7 +38,7 @@ def test_full_attention_values_are_the_key_projection():
     x = torch.randn(2, 5, model.config.text_config.hidden_size)
     pos = torch.arange(5)[None].expand(2, -1)
     cos, sin = model.model.decoder.rotary_emb(x, pos, "full_attention")
-    _, k, v = project_qkv(attn, x, cos, sin)
+    _, k, v = (t.transpose(1, 2) for t in project_qkv(attn, x, cos, sin))
     expected = attn.v_norm(attn.k_proj(x).view(2, 5, -1, attn.head_dim)).transpose(1, 2)
     assert torch.equal(v, expected) and not torch.equal(k, v)
 

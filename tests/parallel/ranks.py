@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dgbatch.engine import EngineBackend
+from dgbatch.engine.packing import pack
 from dgbatch.engine.runner import ModelRunner
 from dgbatch.parallel import Mesh, parallelize
 from tests.engine.helpers import TransformersOracle, random_requests, toy_requests, trained_checkpoint
@@ -36,20 +37,22 @@ def transformers_logits(model) -> torch.Tensor:
 
 @torch.inference_mode()
 def engine_logits(model) -> torch.Tensor:
-    """The engine's encoder and decoder passes (slot cache, per-row positions) on the same inputs."""
+    """The engine's passes (slot cache, per-row positions) on the same inputs; the last commit shares
+    the decoder's pass, as in the engine's loop."""
     prompts, canvases, canvas, sc = _inputs(model.config.text_config.vocab_size)
     runner = ModelRunner(model)
+    assert runner.fused, "sharding keeps the encoder's weights tied to the decoder's"
     n = len(prompts)
     cache = runner.new_cache(num_slots=n, capacity=max(LENGTHS) + 16 * NUM_CANVASES)
-    ids = torch.zeros((n, max(LENGTHS)), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p)
-    slots = torch.arange(n)
-    runner.encode(cache, slots, ids, torch.tensor(LENGTHS))
-    for c in canvases:
-        runner.encode(cache, slots, c, torch.full((n,), 16))
+    slots, lengths = list(range(n)), [0] * n
+    batches = []
+    for tokens in [list(prompts)] + [c.tolist() for c in canvases]:
+        batches.append(pack(cache, slots, tokens, lengths))
+        lengths = [length + len(t) for length, t in zip(lengths, tokens)]
+    for batch in batches[:-1]:
+        runner.encode(cache, batch)
     soft = runner.soft_embedding(sc.softmax(-1, dtype=torch.float32))
-    return runner.decode(cache, n, canvas, soft)
+    return runner.forward(cache, n, canvas, soft, batches[-1])
 
 
 def generations(model, num_prompts: int, params, batch_size: int = 8) -> list[tuple]:

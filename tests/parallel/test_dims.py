@@ -101,7 +101,7 @@ def _module_outputs(m, stack: str, i: int, x, cos, sin, route) -> dict[str, torc
     mask = torch.ones(x.shape[0], 1, x.shape[1], x.shape[1], dtype=torch.bool)
     flat = x.reshape(-1, x.shape[-1])
     return {
-        "attention": attend(layer.self_attn, *project_qkv(layer.self_attn, x, cos, sin), mask),
+        "attention": attend(layer.self_attn, *(t.transpose(1, 2) for t in project_qkv(layer.self_attn, x, cos, sin)), mask),
         "mlp": layer.mlp(x),
         "experts": layer.experts(flat, route[1], route[0]),
     }
