@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -78,8 +78,19 @@ class EngineSection(Section):
     backend: Literal["engine", "reference"] = Field(
         "engine", description="'engine': dgbatch's own loop (slots, slot KV cache); 'reference': transformers' generate."
     )
-    batch_size: int = Field(32, gt=0, description="Rows per static batch (the engine's slots).")
+    batch_size: int | Literal["auto"] = Field(
+        "auto",
+        description="Rows per static batch (the engine's slots), or 'auto': the largest power of two up to 256 "
+        "whose estimated peak memory (dgbatch.engine.memory) fits in 85% of the device's free memory.",
+    )
     compile: bool = Field(False, description="Engine: torch.compile the denoising step (static shapes; for GPUs).")
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, v):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError("must be a positive integer or 'auto'")
 
 
 class PlanSection(Section):

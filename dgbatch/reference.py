@@ -12,6 +12,11 @@ import torch
 
 from dgbatch.generation import Generation, Request, SamplingParams, row_seed
 
+# fp32 [C, V] buffers per row that `generate` holds at once (raw and processed logits, probabilities,
+# the sampler's log-probabilities and entropy terms; an estimate), against the engine's two: what
+# `engine.batch_size: auto` charges the reference backend per row.
+LOGITS_BUFFERS = 5
+
 
 class ReferenceBackend:
     def __init__(self, model, params: SamplingParams, batch_size: int, pad_id: int, eos_ids: list[int]):

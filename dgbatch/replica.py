@@ -33,15 +33,29 @@ class GroupStillInStep(RuntimeError):
     returned, so the group can take the next shard without being rebuilt."""
 
 
-def build_backend(cfg: JobConfig, model, params, pad_id: int, eos_ids: list[int]):
+def batch_size(cfg: JobConfig, model, params) -> int:
+    """`engine.batch_size`, or for 'auto' what the memory model fits on this replica's device."""
+    if cfg.engine.batch_size != "auto":
+        return cfg.engine.batch_size
+    from dgbatch.engine.backend import DEFAULT_PROMPT_TOKENS
+    from dgbatch.engine.memory import default_batch_size
+    from dgbatch.reference import LOGITS_BUFFERS
+
+    canvas = model.config.canvas_length
+    capacity = DEFAULT_PROMPT_TOKENS + -(-params.max_new_tokens // canvas) * canvas
+    reference = cfg.engine.backend == "reference"
+    return default_batch_size(model, capacity, fp32_logits_buffers=LOGITS_BUFFERS if reference else 2)
+
+
+def build_backend(cfg: JobConfig, model, params, pad_id: int, eos_ids: list[int], batch: int):
     if cfg.engine.backend == "engine":
         from dgbatch.engine import EngineBackend
 
-        return EngineBackend(model, params, cfg.engine.batch_size, pad_id, eos_ids, compile=cfg.engine.compile)
+        return EngineBackend(model, params, batch, pad_id, eos_ids, compile=cfg.engine.compile)
     if cfg.engine.backend == "reference":
         from dgbatch.reference import ReferenceBackend
 
-        return ReferenceBackend(model, params, cfg.engine.batch_size, pad_id, eos_ids)
+        return ReferenceBackend(model, params, batch, pad_id, eos_ids)
     raise ValueError(f"unknown engine.backend {cfg.engine.backend!r}")
 
 
@@ -86,7 +100,10 @@ class Replica:
         redact.install(cfg)
         _apply_thread_limit()
         model, tokenizer, params, pad_id, eos_ids = _load(cfg)
-        backend = build_backend(cfg, model, params, pad_id, eos_ids)
+        batch = batch_size(cfg, model, params)
+        log.info("%s backend, batch size %d%s", cfg.engine.backend, batch,
+                 " (auto: from the memory model)" if cfg.engine.batch_size == "auto" else "")
+        backend = build_backend(cfg, model, params, pad_id, eos_ids, batch)
         self.runner = _shard_runner(cfg, root, job_meta, backend, tokenizer, eos_ids)
 
     def ready(self) -> bool:
@@ -169,12 +186,14 @@ class ReplicaRank:
         store = self.store if self.rank == 0 else join_store(*address, self.dims.world, p.timeout_s)
         self.mesh = Mesh.init(self.dims, self.rank, store, backend, p.timeout_s, device)
         model, tokenizer, params, pad_id, eos_ids = _load(self.cfg, self.mesh)
-        self.backend = build_backend(self.cfg, model, params, pad_id, eos_ids)
+        batch = min(self.mesh.gather_objects(batch_size(self.cfg, model, params)))  # ranks run in lockstep
+        self.backend = build_backend(self.cfg, model, params, pad_id, eos_ids, batch)
         if self.mesh.is_leader:
             self.leader = _LeaderBackend(self.backend, self.mesh)
             self.runner = _shard_runner(self.cfg, self.root, self.job_meta, self.leader, tokenizer, eos_ids,
                                         isolate_rows=False)
-        return {"rank": self.rank, "backend": backend, "device": str(next(model.parameters()).device)}
+        return {"rank": self.rank, "backend": backend, "device": str(next(model.parameters()).device),
+                "batch_size": batch}
 
     def run_shard(self, shard_id: str) -> dict | None:
         """Every rank is called with the same shard; the leader's return value is the shard's stats."""

@@ -38,8 +38,8 @@ def test_file_then_overrides_precedence(tmp_path):
     "override, expected",
     [
         ("engine.batch_sise=4", "engine.batch_sise: unknown key"),
-        ("engine.batch_size=abc", "engine.batch_size: Input should be a valid integer"),
-        ("engine.batch_size=0", "engine.batch_size: Input should be greater than 0"),
+        ("engine.batch_size=abc", "engine.batch_size: Value error, must be a positive integer or 'auto'"),
+        ("engine.batch_size=0", "engine.batch_size: Value error, must be a positive integer or 'auto'"),
         ("sampling.entropy_bound=-1", "sampling.entropy_bound: Input should be greater than 0"),
         ("modle.path=x", "modle: unknown key"),
         ("engine.backend=vllm", "engine.backend: Input should be 'engine' or 'reference'"),

@@ -22,7 +22,7 @@ class EngineBackend:
     capacity: committed tokens per slot to allocate up front (default: from the longest prompt of
         each call, grown when a later call needs more);
     compile: `torch.compile` the denoising step (static shapes: one graph per decoder batch size);
-    max_prefill_tokens: padded prompt tokens per prefill pass (bounds the prefill's activations).
+    max_prefill_tokens: new prompt and commit tokens per model pass (bounds the encoder's activations).
     """
 
     def __init__(

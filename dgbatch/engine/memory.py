@@ -72,8 +72,11 @@ def _local_sizes(model) -> tuple[int, int, int]:
     return attn.q_proj.out_features // attn.head_dim, layer.mlp.gate_proj.out_features, moe
 
 
-def memory_model(model, capacity: int, max_prefill_tokens: int = 8192, stability_threshold: int = 1) -> MemoryModel:
-    """The engine's memory model for `model` with slots of `capacity` committed tokens."""
+def memory_model(
+    model, capacity: int, max_prefill_tokens: int = 8192, stability_threshold: int = 1, fp32_logits_buffers: int = 2
+) -> MemoryModel:
+    """The engine's memory model for `model` with slots of `capacity` committed tokens
+    (`fp32_logits_buffers`: the sampler's [C, V] buffers per row; another loop may hold more)."""
     text = model.config.get_text_config()
     canvas, vocab, hidden = model.config.canvas_length, text.vocab_size, text.hidden_size
     dtype = model.model.decoder.embed_tokens.weight.dtype
@@ -82,7 +85,7 @@ def memory_model(model, capacity: int, max_prefill_tokens: int = 8192, stability
     specs = layer_specs(model)
     kv = sum(2 * s.kv_heads * ((ring if s.sliding else capacity) + canvas) * s.head_dim * nbytes for s in specs)
     state = canvas * (hidden * nbytes + 8 * (2 + stability_threshold)) + 64
-    logits = canvas * vocab * (8 + (0 if dtype == torch.float32 else nbytes))
+    logits = canvas * vocab * (4 * fp32_logits_buffers + (0 if dtype == torch.float32 else nbytes))
     heads, inter, moe_inter = _local_sizes(model)
     moe = text.top_k_experts * 2 * moe_inter if getattr(text, "num_experts", None) else 0
     ffn = 2 * inter + moe
@@ -109,10 +112,11 @@ def default_batch_size(
     fraction: float = 0.85,
     max_batch_size: int = 256,
     max_prefill_tokens: int = 8192,
+    fp32_logits_buffers: int = 2,
 ) -> int:
     """The largest power of two whose estimated peak (beyond the already loaded weights) fits in
     `fraction` of the budget (default: what the model's device has free). At least 1."""
-    mm = memory_model(model, capacity, max_prefill_tokens)
+    mm = memory_model(model, capacity, max_prefill_tokens, fp32_logits_buffers=fp32_logits_buffers)
     if budget_bytes is None:
         budget_bytes = available_bytes(next(model.parameters()).device)
     budget = fraction * budget_bytes

@@ -93,3 +93,24 @@ def test_backend_sizes_its_batch_from_memory_when_asked():
     backend = EngineBackend(random_model(), PARAMS, batch_size=None, pad_id=0, eos_ids=[1])
     b = backend.batch_size
     assert b >= 1 and b & (b - 1) == 0  # a power of two
+
+
+def test_job_batch_size_auto_is_the_memory_models_choice(monkeypatch):
+    from dgbatch.config import load_config
+    from dgbatch.engine import memory
+    from dgbatch.replica import batch_size
+
+    model = random_model()
+    capacity = 1024 + 2 * 16  # the assumed prompt, then PARAMS' 32 new tokens: two canvases of 16
+    mm = memory_model(model, capacity)
+    budget = int((mm.peak(64) - mm.weights) / 0.85) + 1  # room for 64 engine rows, not 128
+    monkeypatch.setattr(memory, "available_bytes", lambda device: budget)
+    base = {"model": {"path": "m"}, "input": {"path": "i"}, "output": {"path": "o"}}
+    cfg = load_config(None, [], base=base)
+    assert cfg.engine.batch_size == "auto"
+    engine = batch_size(cfg, model, PARAMS)
+    assert engine == default_batch_size(model, capacity, budget_bytes=budget) == 64
+    reference = batch_size(load_config(None, ["engine.backend=reference"], base=base), model, PARAMS)
+    # generate holds more logits-sized buffers per row: 64 of its rows do not fit
+    assert reference == default_batch_size(model, capacity, budget_bytes=budget, fp32_logits_buffers=5) == 32
+    assert batch_size(load_config(None, ["engine.batch_size=24"], base=base), model, PARAMS) == 24
