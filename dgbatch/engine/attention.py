@@ -27,11 +27,23 @@ def project_qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
 
 
 def sdpa(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """SDPA with the layer's scaling, GQA without materialising repeated K/V.
+    """SDPA with the layer's scaling; grouped-query attention without repeating K/V.
 
-    q: [N, Hq, S, D]; k, v: [N, Hkv, L, D]; mask: bool, broadcastable to [N, 1, S, L] -> [N, Hq, S, D].
+    q: [N, Hq, S, D]; k, v: [N, Hkv, L, D]; mask: bool [N, 1, S or 1, L] -> [N, Hq, S, D].
+    The Hq / Hkv query heads that share a KV head are folded into the query length (head h uses KV
+    head h // (Hq / Hkv), as transformers' `repeat_kv` lays them out): a plain multi-head call that
+    any SDPA kernel takes with a mask. With a mask, `enable_gqa` leaves CUDA only the math kernel,
+    which materialises fp32 scores (pytorch/pytorch#181528; transformers repeats K/V instead).
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1])
+    n, hq, s, d = q.shape
+    hkv, length = k.shape[1], k.shape[2]
+    if hq == hkv:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+    g = hq // hkv
+    if mask.shape[-2] != 1:  # a mask per query (the encoder's causal one) repeats for each folded head
+        mask = mask[:, :, None].expand(n, 1, g, s, length).reshape(n, 1, g * s, length)
+    out = F.scaled_dot_product_attention(q.reshape(n, hkv, g * s, d), k, v, attn_mask=mask, scale=attn.scaling)
+    return out.view(n, hq, s, d)
 
 
 def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
