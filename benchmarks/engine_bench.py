@@ -10,6 +10,9 @@ every backend. Three runs over the same prompts:
   reference, length-sorted one `ReferenceBackend.generate` call (it sorts by prompt length)
   engine                   one `EngineBackend.generate` call
 
+With --repeats N the three run N times, interleaved (so a drift in the machine's speed hits all
+alike); each backend's median-wall run is reported, and each round's engine / best-reference ratio.
+
 Slot utilization = useful decoder row-forwards / computed decoder row-forwards. Useful is what
 transformers' tokens_per_forward counts (rows still denoising); computed is the decoder batch size
 summed over decoder calls (counted by wrapping the model's forward for the reference). Output tokens
@@ -101,6 +104,7 @@ def main() -> None:
         help="the checkpoint's generation_config.json, or transformers' defaults (48 steps, t 0.4-0.8)",
     )
     ap.add_argument("--skip-reference", action="store_true", help="engine only (quick check)")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds; medians are reported")
     ap.add_argument("--phases", action="store_true", help="also time the engine's model passes and sampler")
     ap.add_argument("--compile", action="store_true", help="engine with torch.compile (after a warm-up run)")
     ap.add_argument("--out", type=Path)
@@ -127,20 +131,58 @@ def main() -> None:
     ]
     pad, eos, b = tok.pad_token_id, [tok.eos_token_id], args.batch_size
 
-    results = []
     engine = EngineBackend(model, params, b, pad, eos, compile=args.compile)
     warmup_s = None
     if args.compile:  # graphs are built once per decoder batch size; a long job pays this once
         t0 = time.perf_counter()
         engine.generate(reqs[: 4 * b])
         warmup_s = time.perf_counter() - t0
+
+    def engine_run() -> dict:
         engine.engine.stats.__init__()
-    r = run("engine (compiled)" if args.compile else "engine", engine.generate, reqs, examples, tok)
-    r["compile_warmup_s"] = warmup_s
-    r["computed_row_forwards"] = engine.stats.computed_row_forwards
-    r["decoder_calls"] = engine.stats.decoder_calls
-    r["decoder_batch_sizes"] = engine.stats.batch_sizes
-    r["encoder_batches"] = engine.stats.encoder_calls  # all but the over-long ones share the decoder's pass
+        r = run("engine (compiled)" if args.compile else "engine", engine.generate, reqs, examples, tok)
+        r["compile_warmup_s"] = warmup_s
+        r["computed_row_forwards"] = engine.stats.computed_row_forwards
+        r["decoder_calls"] = engine.stats.decoder_calls
+        r["decoder_batch_sizes"] = engine.stats.batch_sizes
+        r["encoder_batches"] = engine.stats.encoder_calls  # all but the over-long ones share the decoder's pass
+        return r
+
+    backends = [engine_run]
+    if not args.skip_reference:
+        ref = ReferenceBackend(model, params, b, pad, eos)
+
+        def input_order(rs):
+            # one call per consecutive batch: its internal length sort cannot regroup rows
+            return [g for i in range(0, len(rs), b) for g in ref.generate(rs[i : i + b])]
+
+        def reference_run(name, fn):
+            def go() -> dict:
+                with DecoderCounter(model) as counter:
+                    r = run(name, fn, reqs, examples, tok)
+                r["computed_row_forwards"] = counter.rows
+                r["decoder_calls"] = counter.calls
+                return r
+
+            return go
+
+        backends += [reference_run("reference, input order", input_order),
+                     reference_run("reference, length-sorted", ref.generate)]
+
+    # rounds interleave the backends (engine, reference, reference, engine, ...): a drift in the
+    # machine's speed then hits every backend alike, and each round gives its own ratio
+    runs: list[list[dict]] = [[] for _ in backends]
+    for _ in range(args.repeats):
+        for i, go in enumerate(backends):
+            runs[i].append(go())
+    results = []
+    for rs in runs:  # each backend's median-wall run, with every run's wall time
+        r = sorted(rs, key=lambda x: x["wall_s"])[len(rs) // 2]
+        r["wall_s_runs"] = [x["wall_s"] for x in rs]
+        results.append(r)
+    round_ratios = [runs[0][k]["tokens_per_s"] / max(rs[k]["tokens_per_s"] for rs in runs[1:])
+                    for k in range(args.repeats)] if len(runs) > 1 else []
+
     if args.phases:  # a second, instrumented engine run (host timers: meaningful on CPU, not on a GPU)
         from dgbatch.engine import loop
 
@@ -163,26 +205,12 @@ def main() -> None:
         try:
             t0 = time.perf_counter()
             engine.generate(reqs)
-            r["phases"] = {"wall_s": time.perf_counter() - t0, **{k: {"s": v[0], "calls": v[1]} for k, v in phases.items()}}
+            results[0]["phases"] = {"wall_s": time.perf_counter() - t0,
+                                    **{k: {"s": v[0], "calls": v[1]} for k, v in phases.items()}}
         finally:
             loop.draft = draft
             del runner.forward  # back to the class's method
-        print("engine phases:", json.dumps(r["phases"]))
-    results.append(r)
-
-    if not args.skip_reference:
-        ref = ReferenceBackend(model, params, b, pad, eos)
-
-        def input_order(rs):
-            # one call per consecutive batch: its internal length sort cannot regroup rows
-            return [g for i in range(0, len(rs), b) for g in ref.generate(rs[i : i + b])]
-
-        for name, fn in (("reference, input order", input_order), ("reference, length-sorted", ref.generate)):
-            with DecoderCounter(model) as counter:
-                r = run(name, fn, reqs, examples, tok)
-            r["computed_row_forwards"] = counter.rows
-            r["decoder_calls"] = counter.calls
-            results.append(r)
+        print("engine phases:", json.dumps(results[0]["phases"]))
 
     for r in results:
         r["slot_utilization"] = r["useful_row_forwards"] / max(1, r["computed_row_forwards"])
@@ -200,6 +228,7 @@ def main() -> None:
         "torch": torch.__version__,
         "results": results,
         "engine_speedup_vs_best_reference": results[0]["tokens_per_s"] / best_ref if best_ref else None,
+        "engine_speedup_per_round": round_ratios,
         "engine_speedup_vs_best_reference_cpu_time": results[0]["tokens_per_cpu_s"] / best_ref_cpu
         if best_ref
         else None,
@@ -222,8 +251,10 @@ def main() -> None:
     if best_ref:
         print(
             f"\nengine tokens/s / best reference: {summary['engine_speedup_vs_best_reference']:.1f}x wall, "
-            f"{summary['engine_speedup_vs_best_reference_cpu_time']:.1f}x CPU time"
+            f"{summary['engine_speedup_vs_best_reference_cpu_time']:.1f}x CPU time (median runs)"
         )
+        if args.repeats > 1:
+            print("per round:", ", ".join(f"{x:.2f}x" for x in round_ratios))
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
