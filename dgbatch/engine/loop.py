@@ -67,9 +67,13 @@ class _Row:
 
 
 def batch_size_set(batch_size: int) -> tuple[int, ...]:
-    """batch_size and its halvings down to 1: the decoder's only batch shapes."""
+    """The decoder's only batch shapes: batch_size, its halvings down to 1, and three quarters of
+    each of those from 8 up, so a draining batch computes fewer than 1.5x the rows it has left
+    (halvings alone: up to 2x) while the set stays small (a compiled graph each)."""
     sizes, b = {batch_size}, batch_size
     while b > 1:
+        if b >= 8 and b % 4 == 0:
+            sizes.add(3 * b // 4)
         b //= 2
         sizes.add(b)
     return tuple(sorted(sizes))

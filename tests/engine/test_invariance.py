@@ -48,3 +48,14 @@ def test_a_different_seed_changes_outputs():
     other = SamplingParams(**{**PARAMS.__dict__, "seed": 12})
     b = EngineBackend(model, other, 8, 0, [1]).generate(reqs)
     assert [g.token_ids for g in a] != [g.token_ids for g in b]
+
+
+def test_a_draining_batch_computes_under_one_and_a_half_times_its_rows():
+    from dgbatch.engine.loop import batch_size_set
+
+    for batch in (256, 96, 32, 5):
+        sizes = batch_size_set(batch)
+        assert max(sizes) == batch and min(sizes) == 1 and len(sizes) <= 2 * batch.bit_length()
+        for live in range(1, batch + 1):
+            n = min(s for s in sizes if s >= live)
+            assert n < 1.5 * live + 1, (batch, live, n)
