@@ -59,6 +59,17 @@ def build_backend(cfg: JobConfig, model, params, pad_id: int, eos_ids: list[int]
     raise ValueError(f"unknown engine.backend {cfg.engine.backend!r}")
 
 
+def _actor_logging(cfg: JobConfig) -> None:
+    """dgbatch's INFO lines from this actor reach the driver's console (Ray forwards its stderr),
+    scrubbed of the job's secrets."""
+    from dgbatch import redact
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("dgbatch").setLevel(logging.INFO)
+    redact.install(cfg)
+
+
 def _apply_thread_limit() -> None:
     # Ray sets OMP_NUM_THREADS to the actor's CPUs; torch reads it only at import, so apply it.
     n = os.environ.get("OMP_NUM_THREADS")
@@ -95,9 +106,7 @@ def _shard_runner(cfg: JobConfig, root: str, job_meta: dict, backend, tokenizer,
 
 class Replica:
     def __init__(self, cfg: JobConfig, root: str, job_meta: dict):
-        from dgbatch import redact
-
-        redact.install(cfg)
+        _actor_logging(cfg)
         _apply_thread_limit()
         model, tokenizer, params, pad_id, eos_ids = _load(cfg)
         batch = batch_size(cfg, model, params)
@@ -152,10 +161,9 @@ class ReplicaRank:
     on every rank at once, for each shard."""
 
     def __init__(self, cfg: JobConfig, root: str, job_meta: dict, rank: int):
-        from dgbatch import redact
         from dgbatch.parallel import ParallelDims
 
-        redact.install(cfg)
+        _actor_logging(cfg)
         _apply_thread_limit()
         self.cfg, self.root, self.job_meta, self.rank = cfg, root, job_meta, rank
         self.dims = ParallelDims(cfg.parallel.tp_size, cfg.parallel.ep_size)

@@ -108,12 +108,13 @@ def test_messages_column_and_id_column(ray_local, tmp_path, job_config):
     assert rows["12"]["finish_reason"] == "error" and "string role and a string content" in rows["12"]["error"]
 
 
-def test_datasets_input(ray_local, tmp_path, job_config):
+def test_datasets_input_with_the_default_batch_size(ray_local, tmp_path, job_config):
     import datasets
 
     prompts = short_prompts(6)
     datasets.Dataset.from_dict({"prompt": prompts}).save_to_disk(str(tmp_path / "ds"))
-    assert driver.run(job_config(tmp_path / "ds", *FAST, "input.format=datasets")) == 0
+    # engine.batch_size=auto (the default): planned without a batch size, sized by the replica
+    assert driver.run(job_config(tmp_path / "ds", *FAST, "input.format=datasets", "engine.batch_size=auto")) == 0
     out = read_output(tmp_path / "out")
     assert sorted(out.column("prompt").to_pylist()) == sorted(prompts)
     assert sum(r["output_text"] == answer_for(r["prompt"]) for r in out.to_pylist()) >= 5

@@ -25,6 +25,9 @@ ID, PROMPT_IDS, NUM_PROMPT, PLAN_ERROR = "_dgb_id", "_dgb_prompt_ids", "_dgb_num
 ERROR_BUCKET = -1
 
 
+REPORT_BATCH_SIZE = 32  # the batch the planning report's padding figure assumes under engine.batch_size=auto
+
+
 @dataclass
 class ShardMeta:
     shard_id: str
@@ -33,6 +36,7 @@ class ShardMeta:
     error_rows: int
     prompt_tokens: int
     padded_positions: int  # prompt positions incl. padding, batched in shard order at engine.batch_size
+    # (at REPORT_BATCH_SIZE when it is 'auto': the replica picks the real one once its model is loaded)
 
     @staticmethod
     def from_dict(d: dict) -> ShardMeta:
@@ -109,6 +113,7 @@ def plan_fragment(
             pq.write_table(shard, buf)
             # No fsync dance: a plan shard is rebuilt if planning dies; the manifest is the commit point.
             fs.pipe_file(layout.plan_shard(shard_id), buf.getvalue())
-            padded = padded_positions(lengths, cfg.engine.batch_size)
+            batch = cfg.engine.batch_size if cfg.engine.batch_size != "auto" else REPORT_BATCH_SIZE
+            padded = padded_positions(lengths, batch)
             metas.append(asdict(ShardMeta(shard_id, len(idx), bucket, len(idx) - len(lengths), sum(lengths), padded)))
     return metas
