@@ -59,3 +59,14 @@ def test_a_draining_batch_computes_under_one_and_a_half_times_its_rows():
         for live in range(1, batch + 1):
             n = min(s for s in sizes if s >= live)
             assert n < 1.5 * live + 1, (batch, live, n)
+
+
+def test_splitting_the_encoder_work_over_passes_does_not_change_outputs():
+    # max_prefill_tokens=40: a refill of 2-59-token prompts takes many encoder-only passes (the longest
+    # alone) before the pass shared with the decoder; outputs stay those of one shared pass per step
+    model = random_model(vocab=VOCAB, layers=3, sliding_window=12)
+    reqs = random_requests(24, VOCAB, "split-")
+    one = EngineBackend(model, PARAMS, batch_size=16, pad_id=0, eos_ids=[1])
+    split = EngineBackend(model, PARAMS, batch_size=16, pad_id=0, eos_ids=[1], max_prefill_tokens=40)
+    assert _by_id(one.generate(reqs)) == _by_id(split.generate(reqs))
+    assert split.stats.encoder_calls > 2 * one.stats.encoder_calls

@@ -100,8 +100,9 @@ def _module_outputs(m, stack: str, i: int, x, cos, sin, route) -> dict[str, torc
     layer = (m.model.encoder.language_model.layers if stack == "encoder" else m.model.decoder.layers)[i]
     mask = torch.ones(x.shape[0], 1, x.shape[1], x.shape[1], dtype=torch.bool)
     flat = x.reshape(-1, x.shape[-1])
+    q, k, v = (t.transpose(1, 2) for t in project_qkv(layer.self_attn, x, cos, sin))  # heads first
     return {
-        "attention": attend(layer.self_attn, *(t.transpose(1, 2) for t in project_qkv(layer.self_attn, x, cos, sin)), mask),
+        "attention": attend(layer.self_attn, q, k, v, mask),
         "mlp": layer.mlp(x),
         "experts": layer.experts(flat, route[1], route[0]),
     }
