@@ -66,13 +66,13 @@ class _Row:
     length: int = 0  # committed tokens (mirrors the cache length)
 
 
-def batch_size_set(batch_size: int) -> tuple[int, ...]:
-    """The decoder's only batch shapes: batch_size, its halvings down to 1, and three quarters of
-    each of those from 8 up, so a draining batch computes fewer than 1.5x the rows it has left
-    (halvings alone: up to 2x) while the set stays small (a compiled graph each)."""
+def batch_size_set(batch_size: int, quarters: bool = True) -> tuple[int, ...]:
+    """The decoder's only batch shapes: batch_size, its halvings down to 1, and (quarters) three
+    quarters of each of those from 8 up, so a draining batch computes fewer than 1.5x the rows it
+    has left (halvings alone: up to 2x). The compiled engine keeps to halvings: a graph each."""
     sizes, b = {batch_size}, batch_size
     while b > 1:
-        if b >= 8 and b % 4 == 0:
+        if quarters and b >= 8 and b % 4 == 0:
             sizes.add(3 * b // 4)
         b //= 2
         sizes.add(b)
@@ -99,7 +99,7 @@ class Engine:
         self.eos_ids = set(eos_ids)
         self.canvas = self.runner.canvas
         self.max_canvases = -(-params.max_new_tokens // self.canvas)  # as `generate` computes it
-        self.sizes = batch_size_set(batch_size)
+        self.sizes = batch_size_set(batch_size, quarters=not compile)
         self.compile = compile
         self.max_prefill_tokens = max_prefill_tokens
         self.stats = EngineStats()

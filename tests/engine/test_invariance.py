@@ -59,6 +59,7 @@ def test_a_draining_batch_computes_under_one_and_a_half_times_its_rows():
         for live in range(1, batch + 1):
             n = min(s for s in sizes if s >= live)
             assert n < 1.5 * live + 1, (batch, live, n)
+    assert batch_size_set(32, quarters=False) == (1, 2, 4, 8, 16, 32)  # compiled: one graph per size
 
 
 def test_splitting_the_encoder_work_over_passes_does_not_change_outputs():
