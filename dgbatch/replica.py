@@ -37,14 +37,11 @@ def batch_size(cfg: JobConfig, model, params) -> int:
     """`engine.batch_size`, or for 'auto' what the memory model fits on this replica's device."""
     if cfg.engine.batch_size != "auto":
         return cfg.engine.batch_size
-    from dgbatch.engine.backend import DEFAULT_PROMPT_TOKENS
-    from dgbatch.engine.memory import default_batch_size
+    from dgbatch.engine.backend import auto_batch_size
     from dgbatch.reference import LOGITS_BUFFERS
 
-    canvas = model.config.canvas_length
-    capacity = DEFAULT_PROMPT_TOKENS + -(-params.max_new_tokens // canvas) * canvas
     reference = cfg.engine.backend == "reference"
-    return default_batch_size(model, capacity, fp32_logits_buffers=LOGITS_BUFFERS if reference else 2)
+    return auto_batch_size(model, params, fp32_logits_buffers=LOGITS_BUFFERS if reference else 2)
 
 
 def build_backend(cfg: JobConfig, model, params, pad_id: int, eos_ids: list[int], batch: int):

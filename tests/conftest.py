@@ -232,6 +232,16 @@ def engine_reproduction(cfg, out_root: Path) -> dict[str, str]:
     return texts
 
 
+def break_one_shard(out: Path) -> tuple[str, str]:
+    """A finished job of two shards loses one shard's output and its prompt shard is corrupted, so
+    every attempt at it fails on read. Returns (broken, kept) shard ids."""
+    broken, kept = sorted(p.stem for p in (out / "data").iterdir())
+    for p in (out / "data" / f"{broken}.parquet", out / "_commits" / f"{broken}.json", out / "_SUCCESS"):
+        p.unlink()
+    (out / "_plan" / "shards" / f"{broken}.parquet").write_bytes(b"not parquet any more")
+    return broken, kept
+
+
 def start_job_until_first_commit(cfg, data: Path) -> tuple[threading.Thread, dict]:
     """`driver.run(cfg)` in a thread; returns (thread, result dict: 'code' once it ends) as soon as a
     shard is committed under `data` (or after 300 s), so a test can break something mid-run."""

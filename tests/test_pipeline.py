@@ -11,7 +11,8 @@ import pytest
 from dgbatch import driver
 from dgbatch.config import ConfigError, load_config
 from dgbatch.toy.tasks import answer_for, sample_examples
-from tests.conftest import engine_reproduction, read_output, start_job_until_first_commit, write_prompts
+from tests.conftest import (break_one_shard, engine_reproduction, read_output, start_job_until_first_commit,
+                            write_prompts)
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["sampling.max_new_tokens=32"]  # short answers keep CPU tests quick
@@ -183,11 +184,7 @@ def test_a_shard_that_keeps_failing_is_recorded_and_the_job_exits_nonzero(ray_lo
     cfg = job_config(path, *FAST, "plan.shard_rows=4", "plan.bucket_edges=[]", "replicas.max_shard_attempts=2")
     assert driver.run(cfg) == 0
     out = tmp_path / "out"
-    broken, kept = sorted(p.stem for p in (out / "data").iterdir())
-    # Lose one shard's output and corrupt its prompt shard, so every attempt at it fails.
-    for p in (out / "data" / f"{broken}.parquet", out / "_commits" / f"{broken}.json", out / "_SUCCESS"):
-        p.unlink()
-    (out / "_plan" / "shards" / f"{broken}.parquet").write_bytes(b"not parquet any more")
+    broken, kept = break_one_shard(out)
     kept_bytes = (out / "data" / f"{kept}.parquet").read_bytes()
     capsys.readouterr()
     assert driver.run(cfg) == driver.EXIT_FAILED_SHARDS

@@ -46,13 +46,6 @@ def sdpa(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     return out.view(n, hq, s, d)
 
 
-def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`sdpa`, then o_proj: q [N, Hq, S, D], k and v [N, Hkv, L, D] -> [N, S, hidden]."""
-    out = sdpa(attn, q, k, v, mask)
-    n, _, s, _ = out.shape
-    return attn.o_proj(out.transpose(1, 2).reshape(n, s, -1))
-
-
 def feed_forward(layer, h: torch.Tensor) -> torch.Tensor:
     """The dense MLP and the MoE branch of a DiffusionGemma layer, as in its forward. h: [N, S, hidden]."""
     residual = h

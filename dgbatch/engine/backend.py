@@ -12,6 +12,19 @@ from dgbatch.generation import Generation, Request, SamplingParams
 DEFAULT_PROMPT_TOKENS = 1024
 
 
+def auto_batch_size(
+    model, params: SamplingParams, *, capacity: int | None = None, max_prefill_tokens: int = 8192,
+    fp32_logits_buffers: int = 2,
+) -> int:
+    """What the memory model fits on the model's device, slots of `capacity` committed tokens (default:
+    a DEFAULT_PROMPT_TOKENS prompt and max_new_tokens in whole canvases); `fp32_logits_buffers` per row as
+    in `memory_model` (another loop than the engine's may hold more)."""
+    canvas = model.config.canvas_length
+    capacity = capacity or DEFAULT_PROMPT_TOKENS + -(-params.max_new_tokens // canvas) * canvas
+    return default_batch_size(model, capacity, max_prefill_tokens=max_prefill_tokens,
+                              fp32_logits_buffers=fp32_logits_buffers)
+
+
 class EngineBackend:
     """dgbatch's own generation loop for a loaded `DiffusionGemmaForBlockDiffusion` (eval mode, any device).
 
@@ -38,9 +51,7 @@ class EngineBackend:
         max_prefill_tokens: int = 8192,
     ):
         if batch_size is None:
-            canvas = model.config.canvas_length
-            assumed = capacity or DEFAULT_PROMPT_TOKENS + -(-params.max_new_tokens // canvas) * canvas
-            batch_size = default_batch_size(model, assumed, max_prefill_tokens=max_prefill_tokens)
+            batch_size = auto_batch_size(model, params, capacity=capacity, max_prefill_tokens=max_prefill_tokens)
         self.engine = Engine(
             model,
             params,

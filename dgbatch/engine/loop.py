@@ -46,7 +46,7 @@ class EngineStats:
     decoder_calls: int = 0
     computed_row_forwards: int = 0  # sum of decoder batch sizes
     useful_row_forwards: int = 0  # row-forwards of rows still denoising (what TPF counts)
-    encoder_calls: int = 0
+    encoder_calls: int = 0  # encoder batches packed; eager, the last of a step shares the decoder's pass
     prefill_rows: int = 0
     commit_rows: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)  # decoder batch size -> calls

@@ -12,7 +12,7 @@ import torch
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DiffusionGemmaTextConfig
 
 from dgbatch.config import ConfigError, load_config
-from dgbatch.engine.attention import attend, project_qkv
+from dgbatch.engine.attention import project_qkv, sdpa
 from dgbatch.parallel import Mesh, ParallelConfigError, ParallelDims, parallelize
 from dgbatch.parallel.dims import kv_head_range
 from dgbatch.toy.model import toy_config
@@ -100,9 +100,10 @@ def _module_outputs(m, stack: str, i: int, x, cos, sin, route) -> dict[str, torc
     layer = (m.model.encoder.language_model.layers if stack == "encoder" else m.model.decoder.layers)[i]
     mask = torch.ones(x.shape[0], 1, x.shape[1], x.shape[1], dtype=torch.bool)
     flat = x.reshape(-1, x.shape[-1])
-    q, k, v = (t.transpose(1, 2) for t in project_qkv(layer.self_attn, x, cos, sin))  # heads first
+    attn = layer.self_attn
+    q, k, v = (t.transpose(1, 2) for t in project_qkv(attn, x, cos, sin))  # heads first
     return {
-        "attention": attend(layer.self_attn, q, k, v, mask),
+        "attention": attn.o_proj(sdpa(attn, q, k, v, mask).transpose(1, 2).reshape(*x.shape[:2], -1)),
         "mlp": layer.mlp(x),
         "experts": layer.experts(flat, route[1], route[0]),
     }

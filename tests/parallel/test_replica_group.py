@@ -8,7 +8,8 @@ import time
 import pytest
 
 from dgbatch import driver
-from tests.conftest import engine_reproduction, read_output, start_job_until_first_commit, write_prompts
+from tests.conftest import (break_one_shard, engine_reproduction, read_output, start_job_until_first_commit,
+                            write_prompts)
 from tests.test_pipeline import FAST, assert_exactly_once, short_prompts
 
 TP2 = ["parallel.tp_size=2", "parallel.timeout_s=60"]
@@ -62,10 +63,7 @@ def test_a_shard_the_leader_cannot_read_fails_alone_and_the_group_stays_up(ray_l
     cfg = job_config(path, *FAST, *TP2, "plan.shard_rows=4", "plan.bucket_edges=[]", "replicas.max_shard_attempts=2")
     assert driver.run(cfg) == 0
     out = tmp_path / "out"
-    broken, _ = sorted(p.stem for p in (out / "data").iterdir())
-    for p in (out / "data" / f"{broken}.parquet", out / "_commits" / f"{broken}.json", out / "_SUCCESS"):
-        p.unlink()
-    (out / "_plan" / "shards" / f"{broken}.parquet").write_bytes(b"not parquet any more")
+    broken, _ = break_one_shard(out)
     caplog.clear()
     assert driver.run(cfg) == driver.EXIT_FAILED_SHARDS
     assert "failed 2 attempts" in (out / "_failed" / f"{broken}.json").read_text()
