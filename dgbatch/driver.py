@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 from dgbatch import __version__, checkpoint, redact
 from dgbatch.config import ConfigError, JobConfig
-from dgbatch.io.commit import list_names, read_json, write_json
+from dgbatch.io.commit import list_names, read_json, write_bytes, write_json
 from dgbatch.io.fs import filesystem
-from dgbatch.io.layout import Layout
-from dgbatch.planning.planner import ShardMeta, bucket_edges, plan_fragment
+from dgbatch.io.layout import READER_CONFIG, Layout
+from dgbatch.planning.planner import SHARD_FORMAT, ShardMeta, bucket_edges, plan_fragment
 from dgbatch.planning.source import InputPlan, inspect_input
 from dgbatch.stats import ShardStats
 
@@ -39,8 +39,8 @@ class Plan:
     shards: list[ShardMeta]
 
     def to_dict(self) -> dict:
-        return {"fingerprint": self.fingerprint, "edges": self.edges, "num_rows": self.num_rows,
-                "shards": [s.__dict__ for s in self.shards]}
+        return {"fingerprint": self.fingerprint, "shard_format": SHARD_FORMAT, "edges": self.edges,
+                "num_rows": self.num_rows, "shards": [s.__dict__ for s in self.shards]}
 
     @staticmethod
     def from_dict(d: dict) -> Plan:
@@ -107,7 +107,8 @@ def make_plan(
     ray, cfg: JobConfig, fs, layout: Layout, model_dir, max_prompt: int, inp: InputPlan | None = None
 ) -> Plan:
     manifest = read_json(fs, layout.plan_manifest)
-    if manifest is not None and manifest.get("fingerprint") == cfg.fingerprint():
+    if (manifest is not None and manifest.get("fingerprint") == cfg.fingerprint()
+            and manifest.get("shard_format") == SHARD_FORMAT):  # an older dgbatch's plan is made again
         plan = Plan.from_dict(manifest)
         log.info("reusing plan: %d shards, %d rows", len(plan.shards), plan.num_rows)
         return plan
@@ -143,6 +144,7 @@ def run(cfg: JobConfig) -> int:
     max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
     checkpoint.check_parallel(cfg, model_dir)
     check_fingerprint(fs, layout, cfg)
+    write_bytes(fs, layout.reader_config, READER_CONFIG.encode())
     if fs.exists(layout.success):
         done = read_json(fs, layout.success) or {}
         print(f"nothing to do: the job at {cfg.output.path} is already complete ({done.get('rows', '?')} rows)")

@@ -217,15 +217,19 @@ def engine_reproduction(cfg, out_root: Path) -> dict[str, str]:
     from dgbatch import checkpoint
     from dgbatch.engine import EngineBackend
     from dgbatch.generation import Request
+    from dgbatch.io.fs import filesystem
 
     model_dir = checkpoint.local_checkpoint(cfg.model)
     tok = checkpoint.load_tokenizer(model_dir)
     params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
     pad, eos = checkpoint.special_ids(model_dir, tok)
     backend = EngineBackend(checkpoint.load_model(model_dir, cfg.model), params, cfg.engine.batch_size, pad, eos)
+    from dgbatch.planning.planner import ID, PLAN_ERROR, PROMPT_IDS, read_shard
+
+    fs, _ = filesystem(str(out_root))
     texts = {}
-    for shard in sorted((Path(out_root) / "_plan" / "shards").glob("*.parquet")):
-        t = pq.read_table(shard, columns=["_dgb_id", "_dgb_prompt_ids", "_dgb_plan_error"])
+    for shard in sorted((Path(out_root) / "_plan" / "shards").glob("*.arrow")):
+        t = read_shard(fs, str(shard), [ID, PROMPT_IDS, PLAN_ERROR])
         reqs = [Request(i, p) for i, p, e in zip(*(c.to_pylist() for c in t.columns)) if e is None]
         for g in backend.generate(reqs):
             texts[g.row_id] = tok.decode([x for x in g.token_ids if x not in eos], skip_special_tokens=True)
@@ -238,7 +242,7 @@ def break_one_shard(out: Path) -> tuple[str, str]:
     broken, kept = sorted(p.stem for p in (out / "data").iterdir())
     for p in (out / "data" / f"{broken}.parquet", out / "_commits" / f"{broken}.json", out / "_SUCCESS"):
         p.unlink()
-    (out / "_plan" / "shards" / f"{broken}.parquet").write_bytes(b"not parquet any more")
+    (out / "_plan" / "shards" / f"{broken}.arrow").write_bytes(b"not an Arrow file any more")
     return broken, kept
 
 
