@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from dgbatch import __version__, checkpoint, redact
@@ -99,6 +100,9 @@ def init_ray(cfg: JobConfig):
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)  # under `ray job submit`, or a cluster the user pointed at
     else:
+        # Ray turns token auth on for a new local cluster anyway, and warns on every run that it did:
+        # asking for it explicitly keeps the protection and drops the warning.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
     return ray
 
@@ -171,7 +175,7 @@ def run(cfg: JobConfig) -> int:
         write_json(fs, layout.failed(sid), {"shard": sid, "reason": reason})
 
     # 4. Summary over all committed shards, this run's and earlier ones'.
-    return finish(fs, layout, plan, failed, t_start, len(todo))
+    return finish(fs, layout, plan, failed, t_start, len(todo), cfg=cfg, done_before=committed)
 
 
 @dataclass
@@ -341,10 +345,17 @@ def _retry_or_fail(sid: str, err: Exception, attempts: Counter, failed: dict, qu
         queue.append(sid)
 
 
-def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: float, ran: int) -> int:
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: float, ran: int, *,
+           cfg: JobConfig | None = None, done_before: Collection[str] = ()) -> int:
+    """Write `_summary.json` (and `_SUCCESS` when every shard is committed); `done_before`: the shards
+    committed before this run, left out of this run's throughput."""
     from dgbatch.shard import stats_of_output
 
-    total = ShardStats()
+    total, now = ShardStats(), ShardStats()
     ids = [s.shard_id for s in plan.shards if s.shard_id not in failed]
     markers = {n.removesuffix(".json") for n in list_names(fs, layout.commit(), ".json")}
     paths = [layout.commit(sid) for sid in ids if sid in markers]
@@ -358,6 +369,10 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
             st = stats_of_output(fs, layout.data(sid)).to_dict()
             write_json(fs, layout.commit(sid), st)
         total.merge(ShardStats.from_dict(st))
+        if sid not in done_before:
+            now.merge(ShardStats.from_dict(st))
+    t_end = time.time()
+    wall = max(t_end - t_start, 1e-9)
     summary = {
         "rows": total.rows,
         "rows_total": plan.num_rows,
@@ -370,16 +385,24 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
         "failed_shards": [{"shard": s, "reason": r} for s, r in sorted(failed.items())],
         "shards": len(plan.shards),
         "shards_run_now": ran,
-        "wall_time_s": round(time.time() - t_start, 3),
+        "wall_time_s": round(t_end - t_start, 3),
+        "started_at": _iso(t_start),
+        "ended_at": _iso(t_end),
+        "throughput": {"rows_per_s": round(now.rows / wall, 3),
+                       "output_tokens_per_s": round(now.output_tokens / wall, 3),
+                       "over": "this run: what it generated / its wall time (start-up included)"},
+        "output": layout.url(fs),
+        "model": None if cfg is None else {"path": cfg.model.path, "dtype": cfg.model.dtype,
+                                           "backend": cfg.engine.backend},
+        "dgbatch_version": __version__,
     }
     write_json(fs, layout.summary, summary)
-    print("summary: " + redact.scrub(_fmt(summary)))
+    print("summary: " + redact.scrub(_fmt(summary)) + f"; output in {redact.scrub(layout.url(fs))}/data/")
     if failed:
         print(f"job incomplete: {len(failed)} shard(s) failed: {', '.join(sorted(failed))}; rerun to retry them",
               file=sys.stderr)
         return EXIT_FAILED_SHARDS
-    write_json(fs, layout.success, {"rows": total.rows, "shards": len(plan.shards),
-                                    "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    write_json(fs, layout.success, {"rows": total.rows, "shards": len(plan.shards), "completed_at": _iso(t_end)})
     return EXIT_OK
 
 
