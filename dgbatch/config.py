@@ -46,8 +46,8 @@ class InputSection(Section):
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputSection:
         if self.prompt_column and self.messages_column:
-            raise ValueError("set only one of input.prompt_column and input.messages_column (on the command line "
-                             "the one you set wins: input.messages_column=COL replaces the file's prompt_column)")
+            raise ValueError("set only one of input.prompt_column and input.messages_column (an override of one "
+                             "replaces the other: input.messages_column=COL on a file that sets prompt_column)")
         if not self.prompt_column and not self.messages_column:
             self.prompt_column = "prompt"
         return self
@@ -209,26 +209,24 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-# Keys of which a config holds at most one: an override of one drops the other's value from the file (or
-# base), so `input.messages_column=msgs` on a config that sets `prompt_column` just works.
+# Keys of which a config holds at most one: setting one (to a value) drops the others, so the later
+# setting wins: `input.messages_column=msgs` on a config file that sets `prompt_column` just works.
 EXCLUSIVE = (("input.prompt_column", "input.messages_column"),)
 
 
 def _apply(tree: dict, pairs: list[tuple[str, Any]]) -> None:
     for key, value in pairs:
         _set_dotted(tree, key, value)
-    set_now = {k for k, v in pairs if v is not None}
-    for group in EXCLUSIVE:
-        chosen = [k for k in group if k in set_now]
-        if len(chosen) == 1:
-            for other in group:
-                if other != chosen[0]:
-                    *sections, last = other.split(".")
-                    node = tree
-                    for part in sections:
-                        node = node.get(part) if isinstance(node, dict) else None
-                    if isinstance(node, dict):
-                        node.pop(last, None)
+        for group in EXCLUSIVE:
+            if key in group and value is not None:
+                for other in group:
+                    if other != key:
+                        *sections, last = other.split(".")
+                        node = tree
+                        for part in sections:
+                            node = node.get(part) if isinstance(node, dict) else None
+                        if isinstance(node, dict):
+                            node.pop(last, None)
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
