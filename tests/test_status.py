@@ -103,3 +103,15 @@ def test_status_takes_the_output_or_the_job_config(demo_output, tmp_path, capsys
     config.write_text(f"model: {{path: x}}\ninput: {{path: x}}\noutput: {{path: {demo_output}}}\n")
     assert cli.main(["status", str(demo_output if via == "OUTPUT" else config)]) == 0
     assert f"job      {demo_output}" in capsys.readouterr().out
+
+
+def test_without_progress_or_summary_speed_and_eta_come_from_commit_times(demo_output, tmp_path):
+    out = copy_output(demo_output, tmp_path / "out")  # as a driver that writes no _progress.json, mid-run
+    for name in ("_SUCCESS", "_summary.json"):
+        (out / name).unlink()
+    shards = sorted((out / "data").iterdir(), key=lambda p: p.stat().st_mtime)
+    shards[-1].unlink()
+    st = read_status(str(out))
+    assert st.state == "unknown" and "no _progress.json" in st.note
+    assert st.rows_per_s > 0 and st.rate_from == f"commit times of {len(shards) - 1} shards"
+    assert st.eta_s == pytest.approx((96 - st.rows_done) / st.rows_per_s, abs=0.2)
