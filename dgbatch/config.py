@@ -7,8 +7,10 @@ model is touched, so a typo fails in milliseconds with the key and the expected 
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,7 +46,8 @@ class InputSection(Section):
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputSection:
         if self.prompt_column and self.messages_column:
-            raise ValueError("set only one of input.prompt_column and input.messages_column")
+            raise ValueError("set only one of input.prompt_column and input.messages_column (an override of one "
+                             "replaces the other: input.messages_column=COL on a file that sets prompt_column)")
         if not self.prompt_column and not self.messages_column:
             self.prompt_column = "prompt"
         return self
@@ -206,6 +209,26 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+# Keys of which a config holds at most one: setting one (to a value) drops the others, so the later
+# setting wins: `input.messages_column=msgs` on a config file that sets `prompt_column` just works.
+EXCLUSIVE = (("input.prompt_column", "input.messages_column"),)
+
+
+def _apply(tree: dict, pairs: list[tuple[str, Any]]) -> None:
+    for key, value in pairs:
+        _set_dotted(tree, key, value)
+        for group in EXCLUSIVE:
+            if key in group and value is not None:
+                for other in group:
+                    if other != key:
+                        *sections, last = other.split(".")
+                        node = tree
+                        for part in sections:
+                            node = node.get(part) if isinstance(node, dict) else None
+                        if isinstance(node, dict):
+                            node.pop(last, None)
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     out = []
     for item in overrides:
@@ -220,11 +243,27 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def _section_fields(loc: tuple) -> list[str]:
+    """The keys valid at `loc` (a path of section names into JobConfig); [] if it is not a section."""
+    model: Any = JobConfig
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = field.annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
 def _describe(err: dict) -> str:
     where = ".".join(str(p) for p in err["loc"]) or "<root>"
     kind = err["type"]
     if kind == "extra_forbidden":
-        return f"{where}: unknown key"
+        *section, key = (str(p) for p in err["loc"])
+        known = _section_fields(tuple(section))
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        if close:
+            return f"{where}: unknown key; did you mean {'.'.join([*section, close[0]])!r}?"
+        return f"{where}: unknown key; {'.'.join(section) or 'the config'} has {', '.join(known)}"
     if kind == "missing":
         return f"{where}: required, not set"
     got = err.get("input")
@@ -232,8 +271,10 @@ def _describe(err: dict) -> str:
     return f"{where}: {err['msg']}{got_s}"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> JobConfig:
-    """Load YAML at `path` (or `base`), apply `overrides`, validate. Raises ConfigError."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None,
+                values: Iterable[tuple[str, Any]] = ()) -> JobConfig:
+    """Load YAML at `path` (or `base`), apply `overrides` ("section.key=value" strings, values parsed as
+    YAML), then `values` ((dotted key, Python value) pairs, taken as they are), validate. Raises ConfigError."""
     tree: dict = copy.deepcopy(base or {})
     if path is not None:
         p = Path(path)
@@ -246,8 +287,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
         tree = loaded
-    for key, value in parse_overrides(list(overrides)):
-        _set_dotted(tree, key, value)
+    _apply(tree, parse_overrides(list(overrides)) + list(values))
     try:
         return JobConfig.model_validate(tree)
     except ValidationError as e:

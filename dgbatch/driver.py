@@ -13,14 +13,15 @@ import sys
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from dgbatch import __version__, checkpoint, redact
 from dgbatch.config import ConfigError, JobConfig
-from dgbatch.io.commit import list_names, read_json, write_json
+from dgbatch.io.commit import list_names, read_json, write_bytes, write_json
 from dgbatch.io.fs import filesystem
-from dgbatch.io.layout import Layout
-from dgbatch.planning.planner import ShardMeta, bucket_edges, plan_fragment
+from dgbatch.io.layout import READER_CONFIG, Layout
+from dgbatch.planning.planner import SHARD_FORMAT, ShardMeta, bucket_edges, plan_fragment
 from dgbatch.planning.source import InputPlan, inspect_input
 from dgbatch.stats import ShardStats
 
@@ -39,8 +40,8 @@ class Plan:
     shards: list[ShardMeta]
 
     def to_dict(self) -> dict:
-        return {"fingerprint": self.fingerprint, "edges": self.edges, "num_rows": self.num_rows,
-                "shards": [s.__dict__ for s in self.shards]}
+        return {"fingerprint": self.fingerprint, "shard_format": SHARD_FORMAT, "edges": self.edges,
+                "num_rows": self.num_rows, "shards": [s.__dict__ for s in self.shards]}
 
     @staticmethod
     def from_dict(d: dict) -> Plan:
@@ -99,15 +100,24 @@ def init_ray(cfg: JobConfig):
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)  # under `ray job submit`, or a cluster the user pointed at
     else:
+        # Ray turns token auth on for a new local cluster (good) and says so on every run (noise): keep the
+        # protection, drop that one line. Its other auth messages (e.g. auth turned off) still show.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenAuthNotice())
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
     return ray
+
+
+class _TokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def make_plan(
     ray, cfg: JobConfig, fs, layout: Layout, model_dir, max_prompt: int, inp: InputPlan | None = None
 ) -> Plan:
     manifest = read_json(fs, layout.plan_manifest)
-    if manifest is not None and manifest.get("fingerprint") == cfg.fingerprint():
+    if (manifest is not None and manifest.get("fingerprint") == cfg.fingerprint()
+            and manifest.get("shard_format") == SHARD_FORMAT):  # an older dgbatch's plan is made again
         plan = Plan.from_dict(manifest)
         log.info("reusing plan: %d shards, %d rows", len(plan.shards), plan.num_rows)
         return plan
@@ -143,6 +153,7 @@ def run(cfg: JobConfig) -> int:
     max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
     checkpoint.check_parallel(cfg, model_dir)
     check_fingerprint(fs, layout, cfg)
+    write_bytes(fs, layout.reader_config, READER_CONFIG.encode())
     if fs.exists(layout.success):
         done = read_json(fs, layout.success) or {}
         print(f"nothing to do: the job at {cfg.output.path} is already complete ({done.get('rows', '?')} rows)")
@@ -169,7 +180,7 @@ def run(cfg: JobConfig) -> int:
         write_json(fs, layout.failed(sid), {"shard": sid, "reason": reason})
 
     # 4. Summary over all committed shards, this run's and earlier ones'.
-    return finish(fs, layout, plan, failed, t_start, len(todo))
+    return finish(fs, layout, plan, failed, t_start, len(todo), cfg=cfg, done_before=committed)
 
 
 @dataclass
@@ -339,10 +350,17 @@ def _retry_or_fail(sid: str, err: Exception, attempts: Counter, failed: dict, qu
         queue.append(sid)
 
 
-def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: float, ran: int) -> int:
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: float, ran: int, *,
+           cfg: JobConfig | None = None, done_before: Collection[str] = ()) -> int:
+    """Write `_summary.json` (and `_SUCCESS` when every shard is committed); `done_before`: the shards
+    committed before this run, left out of this run's throughput."""
     from dgbatch.shard import stats_of_output
 
-    total = ShardStats()
+    total, now = ShardStats(), ShardStats()
     ids = [s.shard_id for s in plan.shards if s.shard_id not in failed]
     markers = {n.removesuffix(".json") for n in list_names(fs, layout.commit(), ".json")}
     paths = [layout.commit(sid) for sid in ids if sid in markers]
@@ -356,6 +374,10 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
             st = stats_of_output(fs, layout.data(sid)).to_dict()
             write_json(fs, layout.commit(sid), st)
         total.merge(ShardStats.from_dict(st))
+        if sid not in done_before:
+            now.merge(ShardStats.from_dict(st))
+    t_end = time.time()
+    wall = max(t_end - t_start, 1e-9)
     summary = {
         "rows": total.rows,
         "rows_total": plan.num_rows,
@@ -368,16 +390,24 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
         "failed_shards": [{"shard": s, "reason": r} for s, r in sorted(failed.items())],
         "shards": len(plan.shards),
         "shards_run_now": ran,
-        "wall_time_s": round(time.time() - t_start, 3),
+        "wall_time_s": round(t_end - t_start, 3),
+        "started_at": _iso(t_start),
+        "ended_at": _iso(t_end),
+        "throughput": {"rows_per_s": round(now.rows / wall, 3),
+                       "output_tokens_per_s": round(now.output_tokens / wall, 3),
+                       "over": "this run: what it generated / its wall time (start-up included)"},
+        "output": layout.url(fs),
+        "model": None if cfg is None else {"path": cfg.model.path, "dtype": cfg.model.dtype,
+                                           "backend": cfg.engine.backend},
+        "dgbatch_version": __version__,
     }
     write_json(fs, layout.summary, summary)
-    print("summary: " + redact.scrub(_fmt(summary)))
+    print("summary: " + redact.scrub(_fmt(summary)) + f"; output in {redact.scrub(layout.url(fs))}/data/")
     if failed:
         print(f"job incomplete: {len(failed)} shard(s) failed: {', '.join(sorted(failed))}; rerun to retry them",
               file=sys.stderr)
         return EXIT_FAILED_SHARDS
-    write_json(fs, layout.success, {"rows": total.rows, "shards": len(plan.shards),
-                                    "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    write_json(fs, layout.success, {"rows": total.rows, "shards": len(plan.shards), "completed_at": _iso(t_end)})
     return EXIT_OK
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from dgbatch.generation import Backend, Generation, Request
 from dgbatch.io.commit import put_exclusive, write_json
 from dgbatch.io.layout import Layout
-from dgbatch.planning.planner import ID, NUM_PROMPT, PLAN_ERROR, PROMPT_IDS
+from dgbatch.planning.planner import ID, INTERNAL_COLUMNS, PLAN_ERROR, PROMPT_IDS, ROW_INDEX, read_shard
 from dgbatch.stats import ShardStats
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,7 @@ class ShardRunner:
         data_path = self.layout.data(shard_id)
         if self.fs.exists(data_path):  # committed by an earlier attempt
             return self._record(shard_id, stats_of_output(self.fs, data_path))
-        with self.fs.open(self.layout.plan_shard(shard_id), "rb") as fh:
-            shard = pq.read_table(fh)
+        shard = read_shard(self.fs, self.layout.plan_shard(shard_id))
         table, stats = self.build_output(shard)
         buf = io.BytesIO()
         pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata}), buf)
@@ -121,9 +120,9 @@ class ShardRunner:
             for name, value in zip(cols, (text, n_prompt, n_out, tpf, forwards, reason, err)):
                 cols[name].append(value)
             stats.add_row(reason, n_out, n_prompt, tpf)
-        carried = shard.drop_columns([c for c in (ID, PROMPT_IDS, NUM_PROMPT, PLAN_ERROR) if c in shard.column_names]
+        carried = shard.drop_columns([c for c in INTERNAL_COLUMNS if c in shard.column_names]
                                      + (["id"] if self.drop_input_id and "id" in shard.column_names else []))
-        out = pa.table({"id": pa.array(ids, pa.string())})
+        out = pa.table({"id": pa.array(ids, pa.string()), "row_index": shard.column(ROW_INDEX).cast(pa.int64())})
         for name in carried.column_names:
             out = out.append_column(carried.schema.field(name), carried.column(name))
         for name, typ in OUTPUT_SCHEMA:

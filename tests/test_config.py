@@ -64,9 +64,12 @@ def test_override_syntax_errors():
         load_config(None, ["model.path.x=1"], base=BASE)
 
 
-def test_both_prompt_sources_refused():
+def test_both_prompt_sources_refused_in_one_file_and_the_later_override_wins():
+    both = {**BASE, "input": {**BASE["input"], "prompt_column": "p", "messages_column": "m"}}
     with pytest.raises(ConfigError, match="only one of input.prompt_column and input.messages_column"):
-        load_config(None, ["input.prompt_column=p", "input.messages_column=m"], base=BASE)
+        load_config(None, base=both)
+    cfg = load_config(None, ["input.prompt_column=p", "input.messages_column=m"], base=BASE)
+    assert (cfg.input.prompt_column, cfg.input.messages_column) == (None, "m")
 
 
 def test_missing_or_invalid_file(tmp_path):

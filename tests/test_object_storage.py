@@ -53,7 +53,17 @@ def test_s3_model_input_and_output(ray_local, s3_server, s3_bucket, toy_model_di
     assert sum(r["output_text"] == answer_for(r["prompt"]) for r in rows) >= 8
     root = s3_bucket.removeprefix("s3://") + "/out"
     assert fs.exists(f"{root}/_SUCCESS") and json.loads(fs.cat(f"{root}/_summary.json"))["rows"] == 10
-    assert not [p for p in fs.find(root) if "/." in p], "temporary files left behind"
+    assert not [p for p in fs.find(root) if "/." in p and not p.endswith("/.huggingface.yaml")], \
+        "temporary files left behind"
+    # Status and report read an S3 output as they do a local one (commit times from LastModified).
+    from dgbatch.report import write_report
+    from dgbatch.status import read_status
+
+    st = read_status(f"{s3_bucket}/out", cfg.storage)
+    assert st.state == "complete" and st.rows_done == 10 and 0 <= st.last_commit_age_s < 600
+    assert write_report(f"{s3_bucket}/out", storage=cfg.storage) == f"{s3_bucket}/out/_report/report.html"
+    assert fs.exists(f"{root}/_report/throughput.png")
+    assert json.loads(fs.cat(f"{root}/_report/report.json"))["rows"] == 10
 
 
 def _scan_for(secret: str, server, bucket: str, *local_dirs: Path, texts: tuple[str, ...] = ()) -> list[str]:

@@ -39,12 +39,13 @@ def test_demo_job_writes_one_correct_row_per_input(ray_local, tmp_path, capsys):
     assert out.num_rows == inp.num_rows
     types = {f.name: str(f.type) for f in out.schema}
     assert types == {
-        "id": "string", "prompt": "string", "task": "string", "expected": "string", "output_text": "string",
+        "id": "string", "row_index": "int64", "prompt": "string", "task": "string", "expected": "string", "output_text": "string",
         "num_prompt_tokens": "int32", "num_output_tokens": "int32", "tokens_per_forward": "double",
         "num_decoder_forwards": "int32", "finish_reason": "string", "error": "string",
     }
     rows = sorted(out.to_pylist(), key=lambda r: int(r["id"].rsplit(":", 1)[1]))
     assert [r["prompt"] for r in rows] == inp.column("prompt").to_pylist()  # carried through unchanged
+    assert [r["row_index"] for r in rows] == list(range(inp.num_rows))  # input order is one sort away
     assert [r["task"] for r in rows] == inp.column("task").to_pylist()
     assert all(r["error"] is None and r["finish_reason"] in ("eos", "length") for r in rows)
     # Faithful: exactly what the model gives for these rows (answer quality is test_toy_checkpoint's job).

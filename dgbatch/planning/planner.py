@@ -1,7 +1,9 @@
 """Plan a job: tokenize the input in parallel Ray tasks and write length-bucketed prompt shards.
 
 Each fragment of the input is tokenized by one task; its rows are grouped by prompt-length bucket
-and each group is cut into shards of `plan.shard_rows` rows, written to OUTPUT/_plan/shards/.
+and each group is cut into shards of `plan.shard_rows` rows, written to OUTPUT/_plan/shards/ as
+Arrow IPC files (internal files, read whole by one replica: no Parquet beside the outputs, so a
+reader's `OUTPUT/**/*.parquet` glob sees each row once).
 Shard ids name (fragment, bucket, chunk), so the same input and config always give the same shards
 and a rerun maps onto them. The driver only ever holds per-shard metadata: O(shards), not O(rows).
 """
@@ -13,7 +15,6 @@ import io
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dgbatch.config import JobConfig
 from dgbatch.planning.buckets import auto_edges, bucket_of, padded_positions
@@ -22,7 +23,10 @@ from dgbatch.planning.source import Fragment, InputPlan, read_fragment
 
 # Internal shard columns; prefixed so they never clash with the input's own columns.
 ID, PROMPT_IDS, NUM_PROMPT, PLAN_ERROR = "_dgb_id", "_dgb_prompt_ids", "_dgb_num_prompt_tokens", "_dgb_plan_error"
+ROW_INDEX = "_dgb_row_index"  # the row's position in its input file (the output's `row_index`)
+INTERNAL_COLUMNS = (ID, PROMPT_IDS, NUM_PROMPT, PLAN_ERROR, ROW_INDEX)
 ERROR_BUCKET = -1
+SHARD_FORMAT = "arrow"  # recorded in the plan manifest: a plan of another format is made again
 
 
 REPORT_BATCH_SIZE = 32  # the batch the planning report's padding figure assumes under engine.batch_size=auto
@@ -78,6 +82,42 @@ def _encoder(model_dir: str, max_prompt: int) -> PromptEncoder:
     return PromptEncoder(load_tokenizer(Path(model_dir)), max_prompt)
 
 
+def assign_shards(frag_index: int, lengths: list[int | None], edges: list[int],
+                  shard_rows: int) -> list[tuple[str, int, list[int]]]:
+    """(shard id, bucket, row positions) for one fragment's rows, given each row's prompt length (None:
+    a row error). The one place rows are cut into shards; `dgbatch plan` calls it too, without writing."""
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(ERROR_BUCKET if n is None else bucket_of(n, edges), []).append(i)
+    out = []
+    for bucket in sorted(groups):
+        rows = groups[bucket]
+        for chunk, s in enumerate(range(0, len(rows), shard_rows)):
+            # Shortest first inside a shard: consecutive rows make batches with the least padding.
+            idx = sorted(rows[s : s + shard_rows], key=lambda i: lengths[i] or 0)
+            name = "err" if bucket == ERROR_BUCKET else f"b{bucket:02d}"
+            out.append((f"f{frag_index:06d}-{name}-{chunk:04d}", bucket, idx))
+    return out
+
+
+def report_batch_size(cfg: JobConfig) -> int:
+    return cfg.engine.batch_size if cfg.engine.batch_size != "auto" else REPORT_BATCH_SIZE
+
+
+def write_shard(fs, path: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    with pa.ipc.new_file(buf, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
+        writer.write_table(table)
+    # No fsync dance: a plan shard is rebuilt if planning dies; the manifest is the commit point.
+    fs.pipe_file(path, buf.getvalue())
+
+
+def read_shard(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+    """A prompt shard written by `write_shard` (the whole file is read: a shard is one replica's work)."""
+    table = pa.ipc.open_file(pa.BufferReader(fs.cat_file(path))).read_all()
+    return table.select(columns) if columns else table
+
+
 def plan_fragment(
     cfg: JobConfig, frag: Fragment, edges: list[int], model_dir: str, max_prompt: int, root: str
 ) -> list[dict]:
@@ -89,31 +129,20 @@ def plan_fragment(
     table = read_fragment(frag, cfg.input, cfg.storage)
     prompt_ids, errors = encoder.encode_column(table, cfg.input)
     ids = row_ids(table, frag, cfg.input.id_column)
-    groups: dict[int, list[int]] = {}
-    for i, (t, err) in enumerate(zip(prompt_ids, errors)):
-        groups.setdefault(ERROR_BUCKET if err else bucket_of(len(t), edges), []).append(i)
     fs, _ = filesystem(cfg.output.path, cfg.storage)
     layout = Layout(root)
-    fs.makedirs(layout.plan_shard("x").rsplit("/", 1)[0], exist_ok=True)
+    fs.makedirs(layout.plan_shard(), exist_ok=True)
+    lengths = [None if err else len(t) for t, err in zip(prompt_ids, errors)]
     metas = []
-    for bucket in sorted(groups):
-        rows = groups[bucket]
-        for chunk, s in enumerate(range(0, len(rows), cfg.plan.shard_rows)):
-            # Shortest first inside a shard: consecutive rows make batches with the least padding.
-            idx = sorted(rows[s : s + cfg.plan.shard_rows], key=lambda i: len(prompt_ids[i] or ()))
-            name = "err" if bucket == ERROR_BUCKET else f"b{bucket:02d}"
-            shard_id = f"f{frag.index:06d}-{name}-{chunk:04d}"
-            lengths = [len(prompt_ids[i]) for i in idx if prompt_ids[i] is not None]
-            shard = table.take(pa.array(idx, pa.int64()))
-            shard = shard.append_column(ID, pa.array([ids[i] for i in idx], pa.string()))
-            shard = shard.append_column(PROMPT_IDS, pa.array([prompt_ids[i] for i in idx], pa.list_(pa.int32())))
-            shard = shard.append_column(NUM_PROMPT, pa.array([len(prompt_ids[i] or ()) for i in idx], pa.int32()))
-            shard = shard.append_column(PLAN_ERROR, pa.array([errors[i] for i in idx], pa.string()))
-            buf = io.BytesIO()
-            pq.write_table(shard, buf)
-            # No fsync dance: a plan shard is rebuilt if planning dies; the manifest is the commit point.
-            fs.pipe_file(layout.plan_shard(shard_id), buf.getvalue())
-            batch = cfg.engine.batch_size if cfg.engine.batch_size != "auto" else REPORT_BATCH_SIZE
-            padded = padded_positions(lengths, batch)
-            metas.append(asdict(ShardMeta(shard_id, len(idx), bucket, len(idx) - len(lengths), sum(lengths), padded)))
+    for shard_id, bucket, idx in assign_shards(frag.index, lengths, edges, cfg.plan.shard_rows):
+        kept = [lengths[i] for i in idx if lengths[i] is not None]
+        shard = table.take(pa.array(idx, pa.int64()))
+        shard = shard.append_column(ID, pa.array([ids[i] for i in idx], pa.string()))
+        shard = shard.append_column(PROMPT_IDS, pa.array([prompt_ids[i] for i in idx], pa.list_(pa.int32())))
+        shard = shard.append_column(NUM_PROMPT, pa.array([len(prompt_ids[i] or ()) for i in idx], pa.int32()))
+        shard = shard.append_column(PLAN_ERROR, pa.array([errors[i] for i in idx], pa.string()))
+        shard = shard.append_column(ROW_INDEX, pa.array([frag.row_start + i for i in idx], pa.int64()))
+        write_shard(fs, layout.plan_shard(shard_id), shard)
+        padded = padded_positions(kept, report_batch_size(cfg))
+        metas.append(asdict(ShardMeta(shard_id, len(idx), bucket, len(idx) - len(kept), sum(kept), padded)))
     return metas

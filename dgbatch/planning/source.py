@@ -17,6 +17,7 @@ from dgbatch.config import ConfigError, InputSection, StorageSection
 # Columns dgbatch writes; an input column of the same name would be silently shadowed.
 OUTPUT_COLUMNS = (
     "id",
+    "row_index",
     "output_text",
     "num_prompt_tokens",
     "num_output_tokens",
