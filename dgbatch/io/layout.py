@@ -1,12 +1,14 @@
 """Where everything lives under a job's output root. One place, so readers and writers agree.
 
     OUTPUT/data/<shard>.parquet        outputs; a file exists only once complete (its commit)
+    OUTPUT/filtered/<shard>.parquet    with output.drop_filtered: the rows that failed output.filters
     OUTPUT/_commits/<shard>.json       per-shard stats, written after the data file
     OUTPUT/_failed/<shard>.json        shards that exhausted their attempts, with the reason
     OUTPUT/_plan/manifest.json         the plan: buckets and shard list
     OUTPUT/_plan/shards/<shard>.parquet  tokenized prompt shards
     OUTPUT/_job.json                   config fingerprint and public config of the job
     OUTPUT/_summary.json, OUTPUT/_SUCCESS
+    OUTPUT/_metrics.json               an eval's metrics (jobs.eval)
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ class Layout:
 
     def data(self, shard_id: str = "") -> str:
         return join(self.root, "data", f"{shard_id}.parquet") if shard_id else join(self.root, "data")
+
+    def filtered(self, shard_id: str = "") -> str:
+        return join(self.root, "filtered", f"{shard_id}.parquet") if shard_id else join(self.root, "filtered")
 
     def commit(self, shard_id: str = "") -> str:
         return join(self.root, "_commits", f"{shard_id}.json") if shard_id else join(self.root, "_commits")
@@ -43,6 +48,10 @@ class Layout:
     @property
     def summary(self) -> str:
         return join(self.root, "_summary.json")
+
+    @property
+    def metrics(self) -> str:
+        return join(self.root, "_metrics.json")
 
     @property
     def success(self) -> str:
