@@ -26,8 +26,8 @@ ap.add_argument("--seed", type=int, default=20261210)
 args = ap.parse_args()
 
 with open(args.eval_out, "w") as f:
-    for i, e in enumerate(sample_examples(args.eval_rows, args.seed)):
-        f.write(json.dumps({"id": f"toy-{i:04d}", "task": e.task, "prompt": e.prompt, "answer": e.answer}) + "\n")
+    f.writelines(json.dumps({"id": f"toy-{i:04d}", "task": e.task, "prompt": e.prompt, "answer": e.answer}) + "\n"
+                 for i, e in enumerate(sample_examples(args.eval_rows, args.seed)))
 print(f"wrote {args.eval_rows} lines to {args.eval_out}")
 
 rng = random.Random(args.seed + 1)

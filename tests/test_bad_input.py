@@ -58,6 +58,8 @@ def demo_args(tmp_path, toy_model_dir, input_path, *extra):
         (lambda d: (d.joinpath("g.jsonl.gz").write_bytes(b"not gzip at all"), d / "g.jsonl.gz")[1],
          ["input.format=jsonl"], "'g.jsonl.gz' cannot be read as JSON Lines"),
         (lambda d: write_jsonl(d / "p.jsonl", [{"prompt": "x"}]), [], "for JSON Lines set input.format=jsonl"),
+        (lambda d: write_jsonl(d / "a.json", ['[{"prompt": "x"}, {"prompt": "y"}]']), ["input.format=jsonl"],
+         "input file 'a.json' has no line holding a JSON object"),
         (lambda d: write_prompts(d / "u.parquet", ["x"]), ["input.id_column=uid"], "column 'uid' (input.id_column) not found"),
         (lambda d: write_prompts(d / "v.parquet", ["x"]), ["engine.batch_sise=3"], "engine.batch_sise: unknown key"),
         (lambda d: write_prompts(d / "w.parquet", ["x"]), ["sampling.max_new_tokens=lots"],

@@ -115,7 +115,7 @@ def score_outputs(cfg: JobConfig, scorer: scorers.Scorer) -> dict:
     reference = carried_name(cfg.input.reference_column, id_col) if cfg.input.reference_column else None
     group_col = carried_name(cfg.eval.group_column, id_col) if cfg.eval.group_column else None
     n, pass_k = cfg.sampling.num_samples, sorted(set(cfg.eval.pass_k or [1, cfg.sampling.num_samples]))
-    overall, groups = Metrics(n, pass_k), {}
+    overall, groups, ungrouped = Metrics(n, pass_k), {}, 0
     examples: list[dict] = []
     meta: dict = {}
     shards = sorted({s.removesuffix(".parquet") for d in (layout.data(), layout.filtered())
@@ -146,12 +146,15 @@ def score_outputs(cfg: JobConfig, scorer: scorers.Scorer) -> dict:
                     examples.append({"id": cols["id"][i], "error": errors[i]})
         for (group, _), samples in prompts.items():
             overall.add_prompt(samples)
-            if group_col:
+            if group is not None:
                 groups.setdefault(group, Metrics(n, pass_k)).add_prompt(samples)
+            elif group_col:
+                ungrouped += len(samples)  # a null group value (e.g. a line that could not be read)
     metrics = {
         **overall.to_dict(),
-        "groups": {g: m.to_dict() for g, m in sorted(groups.items(), key=lambda kv: str(kv[0]))},
+        "groups": {g: m.to_dict() for g, m in sorted(groups.items())},
         "group_column": cfg.eval.group_column,
+        "ungrouped_rows": ungrouped,
         "higher_is_better": dict.fromkeys(overall.metric_names(), True),
         "eval": {**cfg.eval.model_dump(), "pass_k": pass_k if n > 1 else None},
         "num_samples": n,

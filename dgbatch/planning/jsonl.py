@@ -81,18 +81,20 @@ def _infer(objs: list[dict], fields: dict[str, pa.DataType]) -> None:
                 pass
 
 
-def inspect_file(fs, path: str, fragment_rows: int, fields: dict[str, pa.DataType]) -> list[Span]:
-    """Stream the file once: its fragments' spans; its columns' types are unified into `fields`."""
+def inspect_file(fs, path: str, fragment_rows: int, fields: dict[str, pa.DataType]) -> tuple[list[Span], int]:
+    """Stream the file once: (its fragments' spans, how many lines are JSON objects); its columns'
+    types are unified into `fields`."""
     spans: list[Span] = []
     chunk: list[dict] = []
-    rows = start_row = start_offset = start_line = 0
+    rows = start_row = start_offset = start_line = objects = 0
     for lineno, (pos, line) in enumerate(_lines(fs, path), 1):
         if not line.strip():
             continue
         if rows - start_row == 0:
             start_offset, start_line = pos, lineno
         obj, _ = parse(line)
-        if obj is not None and obj:
+        objects += obj is not None
+        if obj:
             chunk.append(obj)
         if len(chunk) == CHUNK:
             _infer(chunk, fields)
@@ -105,7 +107,7 @@ def inspect_file(fs, path: str, fragment_rows: int, fields: dict[str, pa.DataTyp
         _infer(chunk, fields)
     if rows > start_row:
         spans.append(Span(start_row, rows - start_row, start_offset, start_line))
-    return spans
+    return spans, objects
 
 
 def read_span(fs, path: str, span: Span, schema: pa.Schema, limit: int | None = None) -> pa.Table:

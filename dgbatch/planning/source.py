@@ -209,9 +209,13 @@ def _inspect_jsonl(section: InputSection, storage: StorageSection | None, fragme
     spans = []
     for path in files:
         try:
-            spans.append((path, jsonl.inspect_file(fs, path, fragment_rows, fields)))
+            file_spans, objects = jsonl.inspect_file(fs, path, fragment_rows, fields)
         except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
             raise InputError(f"input file {_relative(path, root)!r} cannot be read as JSON Lines ({e})") from None
+        if file_spans and not objects:  # not one good line: this is no JSON Lines file (a stray file?)
+            raise InputError(f"input file {_relative(path, root)!r} has no line holding a JSON object; "
+                             "input.format is jsonl (one JSON object per line)")
+        spans.append((path, file_spans))
     if not any(s for _, s in spans):
         raise InputError(f"input.path {section.path!r}: the JSON Lines input has no rows")
     schema = pa.schema(list(fields.items()))
