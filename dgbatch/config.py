@@ -34,7 +34,9 @@ class ModelSection(Section):
 
 
 class InputSection(Section):
-    path: str = Field(description="Parquet or JSON Lines file, directory or glob (any fsspec URL), or a datasets path/name.")
+    path: str = Field(
+        description="Parquet or JSON Lines file, directory or glob (any fsspec URL), or a datasets path/name."
+    )
     format: Literal["parquet", "jsonl", "datasets"] = Field(
         "parquet", description="How to read `path`: Parquet, JSON Lines (one object per line, plain or .gz), datasets."
     )
@@ -47,7 +49,9 @@ class InputSection(Section):
         None, description="Jinja2 template over the row's columns that renders the user prompt (sandboxed; a name "
         "that is not a column fails the job, a null value fails the row)."
     )
-    system_prompt: str | None = Field(None, description="A system turn before the user turn (through the chat template).")
+    system_prompt: str | None = Field(
+        None, description="A system turn before the user turn (through the chat template)."
+    )
     id_column: str | None = Field(None, description="Column with row ids; default: a stable id from file and row.")
     reference_column: str | None = Field(
         None, description="Column with each row's reference answer (what an eval's scorer compares against)."
@@ -235,7 +239,8 @@ class EvalSection(Section):
         "working directory, called as function(output_text, reference, row) -> float (runs your code)."
     )
     regex: str | None = Field(
-        None, description="regex: the answer is its first group (or the whole match); numeric: where to find the number."
+        None,
+        description="regex: the answer is its first group (or the whole match); numeric: where to find the number.",
     )
     ignore_case: bool = Field(True, description="exact / contains / regex: compare case-insensitively.")
     normalize_whitespace: bool = Field(True, description="exact / contains / regex: strip and collapse whitespace.")

@@ -124,9 +124,10 @@ def make_plan(
     shards = [ShardMeta.from_dict(m) for metas in results for m in metas]
     plan = Plan(cfg.fingerprint(), edges, sum(s.rows for s in shards), shards)  # output rows: x num_samples
     write_json(fs, layout.plan_manifest, plan.to_dict())
-    samples = f" ({inp.num_rows} input rows x {cfg.sampling.num_samples} samples)" if cfg.sampling.num_samples > 1 else ""
-    log.info("planned %d rows%s into %d shards (bucket edges %s) in %.1fs", plan.num_rows, samples, len(shards), edges,
-             time.time() - t0)
+    n = cfg.sampling.num_samples
+    samples = f" ({inp.num_rows} input rows x {n} samples)" if n > 1 else ""
+    log.info("planned %d rows%s into %d shards (bucket edges %s) in %.1fs", plan.num_rows, samples, len(shards),
+             edges, time.time() - t0)
     return plan
 
 

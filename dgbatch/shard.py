@@ -69,9 +69,7 @@ def stats_of(table: pa.Table) -> ShardStats:
 def stats_of_output(fs, layout: Layout, shard_id: str) -> ShardStats:
     """Stats recomputed from a shard's committed files (when its commit marker is missing)."""
     tables = []
-    for path in (layout.data(shard_id), layout.filtered(shard_id)):
-        if path != layout.data(shard_id) and not fs.exists(path):
-            continue
+    for path in [layout.data(shard_id), *[p for p in [layout.filtered(shard_id)] if fs.exists(p)]]:
         with fs.open(path, "rb") as fh:
             f = pq.ParquetFile(fh)
             tables.append(f.read(columns=[c for c in _STATS_COLUMNS if c in f.schema_arrow.names]))

@@ -68,7 +68,7 @@ def test_override_syntax_errors():
 @pytest.mark.parametrize("sources", [["input.prompt_column=p", "input.messages_column=m"],
                                      ["input.prompt_column=p", "input.template={{ text }}"]])
 def test_two_prompt_sources_refused(sources):
-    with pytest.raises(ConfigError, match="set only one of input.prompt_column, input.messages_column and input.template"):
+    with pytest.raises(ConfigError, match="only one of input.prompt_column, input.messages_column and input.template"):
         load_config(None, sources, base=BASE)
 
 

@@ -61,7 +61,8 @@ def test_eval_scores_every_row_and_its_metrics_recompute_from_the_rows(ray_local
     # an independent recomputation: exact match after collapsing whitespace and case
     norm = lambda s: " ".join(s.split()).casefold()
     for r in good:
-        assert r["score"] == float(norm(r["output_text"]) == norm(r["answer"])) and r["extracted"] == norm(r["output_text"])
+        assert r["score"] == float(norm(r["output_text"]) == norm(r["answer"]))
+        assert r["extracted"] == norm(r["output_text"])
     m = metrics_of(tmp_path / "out")
     assert m["accuracy"] == sum(r["score"] for r in good) / len(good)
     assert m["n"] == len(good) == 14 and m["error_rows"] == 1 and m["rows"] == 15 and m["scoring_errors"] == 0
@@ -93,7 +94,8 @@ def test_eval_scores_every_row_and_its_metrics_recompute_from_the_rows(ray_local
     assert cli.main(["eval", "--rescore", str(tmp_path / "out")]) == 0  # back to the job's own scorer
     for i, r in rescored.items():
         if r["finish_reason"] != "error":
-            assert r["score"] == float(r["output_text"][:1] == r["answer"][:1]) and r["extracted"] == r["output_text"][:1]
+            assert r["score"] == float(r["output_text"][:1] == r["answer"][:1])
+            assert r["extracted"] == r["output_text"][:1]
         assert {k: v for k, v in r.items() if k not in ("score", "extracted")} == \
                {k: v for k, v in before[i].items() if k not in ("score", "extracted")}  # generations untouched
     assert user["eval"]["scorer"] == "toy_scorers_t1:starts_right"

@@ -18,7 +18,8 @@ def section(*overrides):
 
 
 def test_a_template_renders_each_rows_columns_and_a_bad_row_fails_alone():
-    inp = section("input.template=Translate to {{ lang }}: {{ text | trim }}{% if note is defined %} ({{ note }}){% endif %}")
+    inp = section("input.template=Translate to {{ lang }}: {{ text | trim }}"
+                  "{% if note is defined %} ({{ note }}){% endif %}")
     table = pa.table({"text": [" hello ", "bye", None, "x"], "lang": ["French", "German", "Dutch", None],
                       "note": [None, "formal", None, None], "unused": [1, 2, 3, 4]})
     chats = row_chats(table, inp)
