@@ -1,4 +1,4 @@
-"""The command line: `dgbatch run | plan | status | report`, and the parser every job entrypoint shares.
+"""The command line: `dgbatch run | eval | plan | status | report`, and the parser every job entrypoint shares.
 
 A job command takes `CONFIG [section.key=value ...]` and runs a job: `dgbatch run` here, and the same
 command as `python -m jobs.generate` under `ray job submit`. Each is one entry in `JOB_COMMANDS`; a new
@@ -35,8 +35,16 @@ class JobCommand:
     arguments: Callable[[argparse.ArgumentParser], None] | None = None
 
 
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rescore", action="store_true",
+                        help="CONFIG is a job's output root: score its committed outputs again with the job's "
+                             "config plus the overrides (no model, no generation)")
+
+
 JOB_COMMANDS: dict[str, JobCommand] = {
     "run": JobCommand("run or resume a job", "dgbatch.driver:run", "jobs.generate"),
+    "eval": JobCommand("run or resume an eval: generate, score every row, write OUTPUT/_metrics.json",
+                       "dgbatch.eval.job:run", "jobs.eval", _eval_arguments),
 }
 
 
@@ -128,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_parsed(name: str, args: argparse.Namespace) -> int:
     extra = {k: v for k, v in vars(args).items() if k not in ("command", "config", "overrides")}
+    if extra.pop("rescore", False):  # `eval --rescore OUTPUT`: an output root, not a config
+        return run_job(args.config, args.overrides, "dgbatch.eval.job:rescore", load=False)
     return run_job(args.config, args.overrides, JOB_COMMANDS[name].target, **extra)
 
 
@@ -135,18 +145,21 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
-def run_job(config: str, overrides: list[str], target: str = "dgbatch.driver:run", **extra) -> int:
-    """Load and check the config, then run `target` (see JobCommand) on it; the process's exit code."""
+def run_job(config: str, overrides: list[str], target: str = "dgbatch.driver:run", load: bool = True, **extra) -> int:
+    """Load and check the config, then run `target` (see JobCommand) on it; the process's exit code.
+    `load=False`: `target` takes (config, overrides) as given (`eval --rescore`: an output root)."""
     # Ctrl-C and SIGTERM (`ray job stop`, a scheduler) stop the driver cleanly: replicas are killed,
     # committed shards stay committed, a rerun resumes. Set explicitly: a parent may have ignored SIGINT.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = None
+    module, function = target.split(":")
     try:
+        if not load:
+            return getattr(importlib.import_module(module), function)(config, overrides, **extra)
         cfg = load_config(config, overrides)
         redact.install(cfg)
-        module, function = target.split(":")
         return getattr(importlib.import_module(module), function)(cfg, **extra)
     except ConfigError as e:
         print(f"dgbatch: error: {redact.scrub(str(e))}", file=sys.stderr)

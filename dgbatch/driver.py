@@ -13,7 +13,7 @@ import sys
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from dgbatch import __version__, checkpoint, redact
@@ -131,15 +131,18 @@ def make_plan(
         task = ray.remote(plan_fragment).options(num_cpus=1, max_retries=2)
         results = ray.get([task.remote(cfg, f, *args) for f in inp.fragments])
     shards = [ShardMeta.from_dict(m) for metas in results for m in metas]
-    plan = Plan(cfg.fingerprint(), edges, inp.num_rows, shards)
+    plan = Plan(cfg.fingerprint(), edges, sum(s.rows for s in shards), shards)  # output rows: x num_samples
     write_json(fs, layout.plan_manifest, plan.to_dict())
-    log.info("planned %d rows into %d shards (bucket edges %s) in %.1fs", inp.num_rows, len(shards), edges,
-             time.time() - t0)
+    n = cfg.sampling.num_samples
+    samples = f" ({inp.num_rows} input rows x {n} samples)" if n > 1 else ""
+    log.info("planned %d rows%s into %d shards (bucket edges %s) in %.1fs", plan.num_rows, samples, len(shards),
+             edges, time.time() - t0)
     return plan
 
 
-def run(cfg: JobConfig) -> int:
-    """Run (or resume) the job; returns the process exit code."""
+def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}) -> int:
+    """Run (or resume) the job; returns the process exit code. `extra_columns`: input columns a job
+    built on this one needs (column -> the config key naming it), checked with the others up front."""
     redact.install(cfg)
     t_start = time.time()
     fs, root = filesystem(cfg.output.path, cfg.storage)
@@ -147,7 +150,7 @@ def run(cfg: JobConfig) -> int:
 
     # 1. Cheap checks, before Ray or any model: input schema, checkpoint files, sampling, parallel
     #    degrees against the model's shape, output.
-    inp = inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows)
+    inp = inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows, extra_columns)
     model_dir = checkpoint.local_checkpoint(cfg.model, cfg.storage)
     params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
     max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
@@ -371,7 +374,7 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
         if blob is not None:
             st = json.loads(blob)
         else:  # committed data whose marker was never written (a crash in between)
-            st = stats_of_output(fs, layout.data(sid)).to_dict()
+            st = stats_of_output(fs, layout, sid).to_dict()
             write_json(fs, layout.commit(sid), st)
         total.merge(ShardStats.from_dict(st))
         if sid not in done_before:
@@ -387,6 +390,9 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
                                "p90": total.tpf_quantile(0.9)},
         "finish_reasons": total.finish_reasons,
         "failed_rows": total.error_rows,
+        "kept_rows": total.kept_rows,  # rows with an output that passed output.filters
+        "filtered_rows": total.filtered,  # output.filters: filter_reason -> rows
+        "duplicate_outputs": total.duplicate_outputs,  # exact duplicates among a prompt's samples
         "failed_shards": [{"shard": s, "reason": r} for s, r in sorted(failed.items())],
         "shards": len(plan.shards),
         "shards_run_now": ran,
@@ -414,6 +420,8 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
 def _fmt(s: dict) -> str:
     tpf = s["tokens_per_forward"]
     f = lambda v: "n/a" if v is None else f"{v:.2f}"
+    filtered = "".join(f", {n} filtered ({r})" for r, n in sorted(s["filtered_rows"].items()))
+    duplicates = f", {s['duplicate_outputs']} duplicate samples" if s["duplicate_outputs"] else ""
     return (f"{s['rows']:,} rows, {s['output_tokens']:,} output tokens, tokens/forward mean {f(tpf['mean'])} "
-            f"p50 {f(tpf['p50'])} p90 {f(tpf['p90'])}, {s['failed_rows']} failed rows, "
+            f"p50 {f(tpf['p50'])} p90 {f(tpf['p90'])}, {s['failed_rows']} failed rows{filtered}{duplicates}, "
             f"{len(s['failed_shards'])} failed shards, {s['wall_time_s']:.1f}s")

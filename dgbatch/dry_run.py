@@ -17,9 +17,10 @@ from collections import Counter
 from dgbatch import checkpoint
 from dgbatch.config import JobConfig
 from dgbatch.planning.buckets import padded_positions
-from dgbatch.planning.planner import ERROR_BUCKET, assign_shards, bucket_edges, report_batch_size, row_ids
+from dgbatch.planning.planner import (ERROR_BUCKET, assign_shards, bucket_edges, input_rows_per_shard,
+                                      report_batch_size, tokenize_fragment)
 from dgbatch.planning.prompts import PromptEncoder
-from dgbatch.planning.source import inspect_input, read_fragment
+from dgbatch.planning.source import inspect_input
 from dgbatch.status import reason_kind
 
 POOL = 256  # rows kept (a seeded uniform sample of the input) to draw the calibration sample from
@@ -42,10 +43,12 @@ def plan_report(cfg: JobConfig, calibrate_rows: int | None = None) -> dict:
     tokenizer = checkpoint.load_tokenizer(model_dir)
     t0 = time.time()
     edges = bucket_edges(cfg, inp, tokenizer, max_prompt)
-    encoder = PromptEncoder(tokenizer, max_prompt)
+    encoder = PromptEncoder(tokenizer, max_prompt, cfg.input.system_prompt)
     batch = report_batch_size(cfg)
     rng = random.Random(0)
-    col = cfg.input.prompt_column or cfg.input.messages_column
+    col = cfg.input.prompt_column or cfg.input.messages_column  # None: input.template renders the prompt
+    n = cfg.sampling.num_samples  # each input row is planned n times (its samples share a shard)
+    per_shard = input_rows_per_shard(cfg)
 
     buckets: dict[int, dict] = {}
     shards = error_rows = prompt_tokens = max_len = 0
@@ -55,31 +58,33 @@ def plan_report(cfg: JobConfig, calibrate_rows: int | None = None) -> dict:
     pool: list[tuple[str, list[int]]] = []
     seen = 0
     for frag in inp.fragments:
-        table = read_fragment(frag, cfg.input, cfg.storage)
-        token_ids, errors = encoder.encode_column(table, cfg.input)
-        ids = row_ids(table, frag, cfg.input.id_column)
-        lengths = [None if e else len(t) for t, e in zip(token_ids, errors)]
-        for sid, bucket, idx in assign_shards(frag.index, lengths, edges, cfg.plan.shard_rows):
-            kept = [lengths[i] for i in idx if lengths[i] is not None]
+        frows = tokenize_fragment(cfg, frag, encoder)
+        table, ids, token_ids, errors, lengths = frows.table, frows.ids, frows.prompt_ids, frows.errors, frows.lengths
+
+        def planned(idx: list[int]) -> list[int]:  # the prompt lengths of these rows' samples, as planned
+            return [lengths[i] for i in idx for _ in range(n) if lengths[i] is not None]
+
+        for sid, bucket, idx in assign_shards(frag.index, lengths, edges, per_shard):
+            kept = planned(idx)
             b = buckets.setdefault(bucket, {"bucket": bucket, "rows": 0, "shards": 0, "prompt_tokens": 0,
                                             "padded_positions": 0})
-            b["rows"] += len(idx)
+            b["rows"] += len(idx) * n
             b["shards"] += 1
             b["prompt_tokens"] += sum(kept)
             b["padded_positions"] += padded_positions(kept, batch)
             shards += 1
-        padded["no_buckets"] += sum(padded_positions([lengths[i] for i in idx if lengths[i] is not None], batch)
-                                    for _, _, idx in assign_shards(frag.index, lengths, [], cfg.plan.shard_rows))
-        valid = [n for n in lengths if n is not None]
+        padded["no_buckets"] += sum(padded_positions(planned(idx), batch)
+                                    for _, _, idx in assign_shards(frag.index, lengths, [], per_shard))
+        valid = planned(range(len(lengths)))
         padded["input_order"] += padded_positions(valid, batch)
         prompt_tokens += sum(valid)
         max_len = max([max_len, *valid])
-        prompts = table.column(col).to_pylist() if any(errors) else []
+        prompts = (table.column(col).to_pylist() if col else table.to_pylist()) if any(errors) else []
         for i, err in enumerate(errors):
             if err is not None:
-                error_rows += 1
+                error_rows += n
                 k = reason_kind(err)
-                kinds[k] += 1
+                kinds[k] += n
                 if len(examples.setdefault(k, [])) < EXAMPLES:
                     examples[k].append({"id": ids[i], "error": err, "prompt": _preview(prompts[i])})
             else:  # reservoir sampling: every valid row equally likely to be in the pool
@@ -104,7 +109,9 @@ def plan_report(cfg: JobConfig, calibrate_rows: int | None = None) -> dict:
         "config_fingerprint": cfg.fingerprint(),
         "output": cfg.output.path,
         "output_state": _output_state(cfg),
-        "rows": inp.num_rows,
+        "rows": inp.num_rows * n,
+        "input_rows": inp.num_rows,
+        "num_samples": n,
         "fragments": len(inp.fragments),
         "files": len({f.source for f in inp.fragments}),
         "shards": shards,
@@ -114,7 +121,7 @@ def plan_report(cfg: JobConfig, calibrate_rows: int | None = None) -> dict:
         f"auto: {cfg.plan.num_buckets} buckets fitted to a sample of prompt lengths",
         "buckets": bucket_rows,
         "prompt_tokens": prompt_tokens,
-        "prompt_tokens_mean": round(prompt_tokens / max(inp.num_rows - error_rows, 1), 2),
+        "prompt_tokens_mean": round(prompt_tokens / max(inp.num_rows * n - error_rows, 1), 2),
         "prompt_tokens_max": max_len,
         "max_prompt_tokens": max_prompt,
         "padding_batch_size": batch,
@@ -126,7 +133,7 @@ def plan_report(cfg: JobConfig, calibrate_rows: int | None = None) -> dict:
         "sampling": params.__dict__,
     }
     report["estimate"] = _calibrate(cfg, model_dir, params, tokenizer, pool, calibrate_rows,
-                                    inp.num_rows - error_rows)
+                                    inp.num_rows * n - error_rows)
     return report
 
 

@@ -93,12 +93,14 @@ def _load(cfg: JobConfig, mesh=None):
 
 
 def _shard_runner(cfg: JobConfig, root: str, job_meta: dict, backend, tokenizer, eos_ids, isolate_rows: bool = True):
+    from dgbatch.filters import OutputFilter
     from dgbatch.io.fs import filesystem
     from dgbatch.io.layout import Layout
     from dgbatch.shard import ShardRunner
 
     fs, _ = filesystem(cfg.output.path, cfg.storage)
-    return ShardRunner(backend, tokenizer, fs, Layout(root), eos_ids, job_meta, cfg.input.id_column, isolate_rows)
+    return ShardRunner(backend, tokenizer, fs, Layout(root), eos_ids, job_meta, cfg.input.id_column, isolate_rows,
+                       OutputFilter.of(cfg.output))
 
 
 class Replica:

@@ -11,12 +11,15 @@ import logging
 from collections.abc import Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dgbatch.filters import OutputFilter, duplicate_outputs
 from dgbatch.generation import Backend, Generation, Request
 from dgbatch.io.commit import put_exclusive, write_json
 from dgbatch.io.layout import Layout
-from dgbatch.planning.planner import ID, INTERNAL_COLUMNS, PLAN_ERROR, PROMPT_IDS, ROW_INDEX, read_shard
+from dgbatch.planning.planner import (ID, INTERNAL_COLUMNS, MAX_NEW, PLAN_ERROR, PROMPT_IDS, ROW_INDEX, prompt_id,
+                                      read_shard)
 from dgbatch.stats import ShardStats
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,9 @@ OUTPUT_SCHEMA = [
     ("finish_reason", pa.string()),
     ("error", pa.string()),
 ]
+FILTER_SCHEMA = [("filtered", pa.bool_()), ("filter_reason", pa.string())]  # with output.filters
+_STATS_COLUMNS = ("finish_reason", "num_output_tokens", "num_prompt_tokens", "tokens_per_forward", "filter_reason",
+                  "id", "sample_index", "output_text")
 
 
 def generate_isolated(backend: Backend, requests: Sequence[Request]) -> list[Generation | Exception]:
@@ -47,15 +53,28 @@ def generate_isolated(backend: Backend, requests: Sequence[Request]) -> list[Gen
     return out
 
 
-def stats_of_output(fs, path: str) -> ShardStats:
-    """Stats recomputed from a committed output file (when its commit marker is missing)."""
-    cols = ["finish_reason", "num_output_tokens", "num_prompt_tokens", "tokens_per_forward"]
-    with fs.open(path, "rb") as fh:
-        t = pq.read_table(fh, columns=cols)
+def stats_of(table: pa.Table) -> ShardStats:
+    """A shard's stats, from its output rows (what it committed, or is about to)."""
+    cols = {c: table.column(c).to_pylist() for c in _STATS_COLUMNS if c in table.column_names}
     stats = ShardStats()
-    for reason, n_out, n_prompt, tpf in zip(*(t.column(c).to_pylist() for c in cols)):
-        stats.add_row(reason, n_out, n_prompt, tpf)
+    none = [None] * table.num_rows
+    for reason, n_out, n_prompt, tpf, filtered in zip(cols["finish_reason"], cols["num_output_tokens"],
+                                                      cols["num_prompt_tokens"], cols["tokens_per_forward"],
+                                                      cols.get("filter_reason", none)):
+        stats.add_row(reason, n_out, n_prompt, tpf, filtered)
+    if "sample_index" in cols:
+        stats.duplicate_outputs = duplicate_outputs([prompt_id(i, True) for i in cols["id"]], cols["output_text"])
     return stats
+
+
+def stats_of_output(fs, layout: Layout, shard_id: str) -> ShardStats:
+    """Stats recomputed from a shard's committed files (when its commit marker is missing)."""
+    tables = []
+    for path in [layout.data(shard_id), *[p for p in [layout.filtered(shard_id)] if fs.exists(p)]]:
+        with fs.open(path, "rb") as fh:
+            f = pq.ParquetFile(fh)
+            tables.append(f.read(columns=[c for c in _STATS_COLUMNS if c in f.schema_arrow.names]))
+    return stats_of(pa.concat_tables(tables, promote_options="permissive"))
 
 
 class ShardRunner:
@@ -63,8 +82,9 @@ class ShardRunner:
     replica turns it off: its ranks must run the same steps, and a retry on one rank alone would not be."""
 
     def __init__(self, backend: Backend, tokenizer, fs, layout: Layout, eos_ids: list[int], job_meta: dict,
-                 id_column: str | None, isolate_rows: bool = True):
+                 id_column: str | None, isolate_rows: bool = True, output_filter: OutputFilter | None = None):
         self.backend = backend
+        self.output_filter = output_filter
         self.isolate_rows = isolate_rows
         self.tokenizer = tokenizer
         self.fs = fs
@@ -77,34 +97,44 @@ class ShardRunner:
         """Run and commit one shard; returns its stats (of the committed file, whoever wrote it)."""
         data_path = self.layout.data(shard_id)
         if self.fs.exists(data_path):  # committed by an earlier attempt
-            return self._record(shard_id, stats_of_output(self.fs, data_path))
+            return self._record(shard_id, stats_of_output(self.fs, self.layout, shard_id))
         shard = read_shard(self.fs, self.layout.plan_shard(shard_id))
         table, stats = self.build_output(shard)
+        if self.output_filter is not None and self.output_filter.drop:
+            # The filtered rows go first: the data file is the shard's commit point. Rows derive from
+            # (seed, row id, prompt) only, so a retry that finds this file already written writes the same rows.
+            dropped = table.filter(table.column("filtered"))
+            table = table.filter(pc.invert(table.column("filtered")))
+            if dropped.num_rows:
+                put_exclusive(self.fs, self.layout.filtered(shard_id), self._parquet(dropped))
+        if not put_exclusive(self.fs, data_path, self._parquet(table)):
+            log.info("shard %s was already committed by another writer; keeping that one", shard_id)
+            stats = stats_of_output(self.fs, self.layout, shard_id)
+        return self._record(shard_id, stats)
+
+    def _parquet(self, table: pa.Table) -> bytes:
         buf = io.BytesIO()
         pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata}), buf)
-        if not put_exclusive(self.fs, data_path, buf.getvalue()):
-            log.info("shard %s was already committed by another writer; keeping that one", shard_id)
-            stats = stats_of_output(self.fs, data_path)
-        return self._record(shard_id, stats)
+        return buf.getvalue()
 
     def build_output(self, shard: pa.Table) -> tuple[pa.Table, ShardStats]:
         ids = shard.column(ID).to_pylist()
         prompts = shard.column(PROMPT_IDS).to_pylist()
         plan_errors = shard.column(PLAN_ERROR).to_pylist()
+        budgets = shard.column(MAX_NEW).to_pylist() if MAX_NEW in shard.column_names else [None] * shard.num_rows
         todo = [i for i, e in enumerate(plan_errors) if e is None]
-        requests = [Request(ids[i], prompts[i]) for i in todo]
+        requests = [Request(ids[i], prompts[i], budgets[i]) for i in todo]
         if self.isolate_rows:
             results = generate_isolated(self.backend, requests)
         else:
             results = list(self.backend.generate(requests)) if requests else []
         by_row: dict[int, Generation | Exception] = dict(zip(todo, results))
-        cols: dict[str, list] = {name: [] for name, _ in OUTPUT_SCHEMA}
-        stats = ShardStats()
+        cols: dict[str, list] = {name: [] for name, _ in OUTPUT_SCHEMA + FILTER_SCHEMA}
         for i in range(shard.num_rows):
             n_prompt = len(prompts[i] or ())
             res = by_row.get(i)
             err = plan_errors[i]
-            text = tpf = None
+            text = tpf = filtered = None
             n_out = forwards = 0
             reason = "error"
             if isinstance(res, Exception):
@@ -115,19 +145,22 @@ class ShardRunner:
                     text = self.tokenizer.decode(body, skip_special_tokens=True)
                     n_out, forwards, tpf, reason = (
                         len(res.token_ids), res.num_decoder_forwards, res.tokens_per_forward, res.finish_reason)
+                    if self.output_filter is not None:
+                        filtered = self.output_filter.reason(text, len(body))
                 except Exception as e:  # noqa: BLE001 - an undecodable output is that row's error
                     err = f"decoding failed: {type(e).__name__}: {e}"
-            for name, value in zip(cols, (text, n_prompt, n_out, tpf, forwards, reason, err)):
+                    text = None
+            values = (text, n_prompt, n_out, tpf, forwards, reason, err, filtered is not None, filtered)
+            for name, value in zip(cols, values):
                 cols[name].append(value)
-            stats.add_row(reason, n_out, n_prompt, tpf)
         carried = shard.drop_columns([c for c in INTERNAL_COLUMNS if c in shard.column_names]
                                      + (["id"] if self.drop_input_id and "id" in shard.column_names else []))
         out = pa.table({"id": pa.array(ids, pa.string()), "row_index": shard.column(ROW_INDEX).cast(pa.int64())})
         for name in carried.column_names:
             out = out.append_column(carried.schema.field(name), carried.column(name))
-        for name, typ in OUTPUT_SCHEMA:
+        for name, typ in OUTPUT_SCHEMA + (FILTER_SCHEMA if self.output_filter is not None else []):
             out = out.append_column(name, pa.array(cols[name], typ))
-        return out, stats
+        return out, stats_of(out)
 
     def _record(self, shard_id: str, stats: ShardStats) -> dict:
         write_json(self.fs, self.layout.commit(shard_id), stats.to_dict())

@@ -180,6 +180,17 @@ def write_prompts(path: Path, prompts: list, **columns: list) -> Path:
     return path
 
 
+def write_jsonl(path: Path, rows: list, gz: bool = False) -> Path:
+    """A JSON Lines input: each row a dict (written as JSON) or a str (written as the raw line)."""
+    import gzip
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows).encode()
+    path.write_bytes(gzip.compress(text) if gz else text)
+    return path
+
+
 @pytest.fixture
 def job_config(tmp_path: Path, toy_model_dir: Path):
     """Build a JobConfig over the toy model, writing to tmp_path/out unless told otherwise."""

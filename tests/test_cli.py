@@ -73,7 +73,7 @@ def test_messages_column_on_the_command_line_replaces_the_files_prompt_column():
     assert cfg.input.messages_column == "messages" and cfg.input.prompt_column is None
     back = load_config(DEMO_CONFIG, ["input.messages_column=messages", "input.prompt_column=prompt"])
     assert back.input.prompt_column == "prompt" and back.input.messages_column is None  # the later one wins
-    with pytest.raises(ConfigError, match="set only one of input.prompt_column and input.messages_column"):
+    with pytest.raises(ConfigError, match="set only one of input.prompt_column, input.messages_column and input.template"):
         load_config(None, base={"model": {"path": "m"}, "input": {"path": "i", "prompt_column": "p",
                                                                     "messages_column": "m"}, "output": {"path": "o"}})
 

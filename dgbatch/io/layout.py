@@ -1,6 +1,7 @@
 """Where everything lives under a job's output root. One place, so readers and writers agree.
 
     OUTPUT/data/<shard>.parquet        outputs; a file exists only once complete (its commit)
+    OUTPUT/filtered/<shard>.parquet    with output.drop_filtered: the rows that failed output.filters
     OUTPUT/_commits/<shard>.json       per-shard stats, written after the data file
     OUTPUT/_failed/<shard>.json        shards that exhausted their attempts, with the reason
     OUTPUT/_plan/manifest.json         the plan: buckets and shard list
@@ -8,11 +9,13 @@
     OUTPUT/_job.json                   config fingerprint and public config of the job
     OUTPUT/_progress.json              a running driver's progress, rewritten every few seconds
     OUTPUT/_summary.json, OUTPUT/_SUCCESS
+    OUTPUT/_metrics.json               an eval's metrics (jobs.eval)
     OUTPUT/_report/                    `dgbatch report`: report.html, its PNG figures, report.json
     OUTPUT/.huggingface.yaml           tells `datasets.load_dataset(OUTPUT)` that the data is data/*.parquet
 
-The only Parquet files under OUTPUT are the outputs in data/, so any reader's `OUTPUT/**/*.parquet`
-glob counts each row once. Everything else is `_`-prefixed (pyarrow, pandas and Ray Data skip it) or
+The only Parquet files under OUTPUT are the outputs in data/ (and, with output.drop_filtered, the
+filtered rows in filtered/, which carry `filtered=true`), so any reader's `OUTPUT/**/*.parquet` glob
+counts each output row once. Everything else is `_`-prefixed (pyarrow, pandas and Ray Data skip it) or
 hidden; `datasets`, which would otherwise pick the most common extension (.json), reads the
 `.huggingface.yaml` config (the Hub's own standalone dataset-card YAML).
 """
@@ -30,6 +33,9 @@ class Layout:
 
     def data(self, shard_id: str = "") -> str:
         return join(self.root, "data", f"{shard_id}.parquet") if shard_id else join(self.root, "data")
+
+    def filtered(self, shard_id: str = "") -> str:
+        return join(self.root, "filtered", f"{shard_id}.parquet") if shard_id else join(self.root, "filtered")
 
     def commit(self, shard_id: str = "") -> str:
         return join(self.root, "_commits", f"{shard_id}.json") if shard_id else join(self.root, "_commits")
@@ -74,6 +80,10 @@ class Layout:
     @property
     def summary(self) -> str:
         return join(self.root, "_summary.json")
+
+    @property
+    def metrics(self) -> str:
+        return join(self.root, "_metrics.json")
 
     @property
     def success(self) -> str:
