@@ -40,6 +40,11 @@ class InputSection(Section):
     prompt_column: str | None = Field(None, description="Column holding the user prompt text.")
     messages_column: str | None = Field(None, description="Column holding chat messages [{role, content}].")
     id_column: str | None = Field(None, description="Column with row ids; default: a stable id from file and row.")
+    partition: str | None = Field(
+        None,
+        description="The partition this job covers (set per date/hour by `jobs.backfill`): it prefixes the default "
+        "row ids (so per-row seeds differ between partitions) and is written to the output's `partition` column.",
+    )
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputSection:

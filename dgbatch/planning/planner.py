@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from dgbatch.config import JobConfig
 from dgbatch.planning.buckets import auto_edges, bucket_of, padded_positions
 from dgbatch.planning.prompts import PromptEncoder
-from dgbatch.planning.source import Fragment, InputPlan, read_fragment
+from dgbatch.planning.source import PARTITION_COLUMN, Fragment, InputPlan, read_fragment
 
 # Internal shard columns; prefixed so they never clash with the input's own columns.
 ID, PROMPT_IDS, NUM_PROMPT, PLAN_ERROR = "_dgb_id", "_dgb_prompt_ids", "_dgb_num_prompt_tokens", "_dgb_plan_error"
@@ -43,10 +43,13 @@ class ShardMeta:
         return ShardMeta(**d)
 
 
-def row_ids(table: pa.Table, frag: Fragment, id_column: str | None) -> list[str]:
+def row_ids(table: pa.Table, frag: Fragment, id_column: str | None, partition: str | None = None) -> list[str]:
+    """The input's id column, or `[PARTITION/]FILE:ROW` (FILE relative to the input root): stable across runs,
+    and distinct across a backfill's partitions, whose files often share names (part-0.parquet)."""
     if id_column:
         return [str(v) for v in table.column(id_column).to_pylist()]
-    return [f"{frag.label}:{frag.row_start + i}" for i in range(table.num_rows)]
+    prefix = f"{partition}/" if partition is not None else ""
+    return [f"{prefix}{frag.label}:{frag.row_start + i}" for i in range(table.num_rows)]
 
 
 def sample_lengths(cfg: JobConfig, inp: InputPlan, tokenizer, max_prompt: int, per_fragment: int = 512) -> list[int]:
@@ -82,13 +85,16 @@ def plan_fragment(
     cfg: JobConfig, frag: Fragment, edges: list[int], model_dir: str, max_prompt: int, root: str
 ) -> list[dict]:
     """Tokenize one fragment and write its shards. Runs as a Ray task; returns shard metadata dicts."""
+    from dgbatch.io.commit import write_bytes
     from dgbatch.io.fs import filesystem
     from dgbatch.io.layout import Layout
 
     encoder = _encoder(model_dir, max_prompt)
     table = read_fragment(frag, cfg.input, cfg.storage)
     prompt_ids, errors = encoder.encode_column(table, cfg.input)
-    ids = row_ids(table, frag, cfg.input.id_column)
+    ids = row_ids(table, frag, cfg.input.id_column, cfg.input.partition)
+    if cfg.input.partition is not None:  # carried through to the output like any input column
+        table = table.append_column(PARTITION_COLUMN, pa.array([cfg.input.partition] * table.num_rows, pa.string()))
     groups: dict[int, list[int]] = {}
     for i, (t, err) in enumerate(zip(prompt_ids, errors)):
         groups.setdefault(ERROR_BUCKET if err else bucket_of(len(t), edges), []).append(i)
@@ -111,8 +117,9 @@ def plan_fragment(
             shard = shard.append_column(PLAN_ERROR, pa.array([errors[i] for i in idx], pa.string()))
             buf = io.BytesIO()
             pq.write_table(shard, buf)
-            # No fsync dance: a plan shard is rebuilt if planning dies; the manifest is the commit point.
-            fs.pipe_file(layout.plan_shard(shard_id), buf.getvalue())
+            # Replaced atomically: a second run planning the same job at once (overlapping cron ticks) rewrites
+            # the same bytes while the first one's replicas read them. The manifest is the commit point.
+            write_bytes(fs, layout.plan_shard(shard_id), buf.getvalue())
             batch = cfg.engine.batch_size if cfg.engine.batch_size != "auto" else REPORT_BATCH_SIZE
             padded = padded_positions(lengths, batch)
             metas.append(asdict(ShardMeta(shard_id, len(idx), bucket, len(idx) - len(lengths), sum(lengths), padded)))

@@ -25,10 +25,15 @@ OUTPUT_COLUMNS = (
     "finish_reason",
     "error",
 )
+PARTITION_COLUMN = "partition"  # written when input.partition is set (a backfill's date or hour)
 
 
 class InputError(ConfigError):
     """The input as a whole cannot be read as configured."""
+
+
+class InputMissing(InputError):
+    """input.path does not exist or matches no files (a backfill records such a partition as missing)."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +75,9 @@ def list_parquet_files(section: InputSection, storage: StorageSection | None) ->
     elif fs.exists(path):
         files, root = [path], path.rsplit("/", 1)[0]
     else:
-        raise InputError(f"input.path {section.path!r} does not exist")
+        raise InputMissing(f"input.path {section.path!r} does not exist")
     if not files:
-        raise InputError(f"input.path {section.path!r} matched no files")
+        raise InputMissing(f"input.path {section.path!r} matched no files")
     return fs, root, files
 
 
@@ -97,6 +102,9 @@ def check_schema(schema: pa.Schema, section: InputSection, where: str) -> None:
     if section.id_column and section.id_column not in names:
         raise InputError(f"{where}: id column {section.id_column!r} (input.id_column) not found; columns are {names}")
     clash = [c for c in names if c in OUTPUT_COLUMNS and c != section.id_column]
+    if section.partition is not None and PARTITION_COLUMN in names:
+        raise InputError(f"{where}: input column {PARTITION_COLUMN!r} collides with the partition column dgbatch "
+                         f"writes when input.partition is set (a backfill); rename it")
     if clash:
         raise InputError(
             f"{where}: input columns {clash} collide with dgbatch's output columns; rename them "
