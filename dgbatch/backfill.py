@@ -290,6 +290,16 @@ def _scrubbed(obj):
 # ---- command line -----------------------------------------------------------------------------------
 
 
+def join_date_options(argv: list[str]) -> list[str]:
+    """`--start -1d` as `--start=-1d`: argparse would read a value starting with '-' as an option."""
+    out, it = [], iter(argv)
+    for a in it:
+        if a in ("--start", "--end"):
+            a = f"{a}={next(it, '')}"
+        out.append(a)
+    return out
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("config", help="YAML job config whose input.path and output.path hold {date} (and {hour})")
     ap.add_argument("--start", required=True, help="first partition: YYYY-MM-DD[THH], today, yesterday, now, -1d, -3h")

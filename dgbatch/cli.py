@@ -42,7 +42,7 @@ def backfill_job(argv: list[str]) -> int:
 
     ap = argparse.ArgumentParser(prog="dgbatch backfill", description=backfill.__doc__.split("\n")[0])
     backfill.add_arguments(ap)
-    args = ap.parse_intermixed_args(argv)
+    args = ap.parse_intermixed_args(backfill.join_date_options(argv))
     _prepare_process()
     return backfill.main(args)
 
