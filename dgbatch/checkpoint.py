@@ -146,16 +146,23 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
-def load_model(path: Path, model: ModelSection):
-    """Load weights (safetensors only) onto the configured device, in eval mode."""
+def load_model(path: Path, model: ModelSection, mesh=None):
+    """Load weights (safetensors only) onto the configured device, in eval mode. With a `mesh` (one rank of
+    a parallel replica), the rank's shard of the model, reading only the weights and slices it keeps."""
     import torch
-    from transformers import DiffusionGemmaForBlockDiffusion
 
     device = model.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, model.dtype)
+    if mesh is not None:
+        from dgbatch.parallel.load import load_sharded
+
+        return load_sharded(path, dtype, device, mesh)
+    from transformers import DiffusionGemmaForBlockDiffusion
+
     m = DiffusionGemmaForBlockDiffusion.from_pretrained(
-        str(path), dtype=getattr(torch, model.dtype), use_safetensors=True, trust_remote_code=False
+        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False
     )
     return m.to(device).eval()
 
