@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -55,19 +54,21 @@ def read_cut(sl, ndim: int, cut: Cut) -> torch.Tensor:
     ranges: dict[int, list[tuple[int, int]]] = {}
     for dim, start, length in cut:
         ranges.setdefault(dim, []).append((start, length))
-    dims = list(ranges)
+    return _read_ranges(sl, list(ranges.items()), [slice(None)] * ndim)
 
-    def read(i: int, index: list) -> torch.Tensor:
-        if i == len(dims):
-            return sl[tuple(index)]
-        parts = []
-        for start, length in ranges[dims[i]]:
-            index = list(index)
-            index[dims[i]] = slice(start, start + length)
-            parts.append(read(i + 1, index))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dims[i])
 
-    return read(0, [slice(None)] * ndim)
+def _read_ranges(sl, ranges: list[tuple[int, list[tuple[int, int]]]], index: list) -> torch.Tensor:
+    # A plain recursive function, not a closure: a self-referencing closure would keep `sl` (and with it
+    # the file's mapping) alive until the garbage collector breaks the cycle.
+    if not ranges:
+        return sl[tuple(index)]
+    (dim, spans), rest = ranges[0], ranges[1:]
+    parts = []
+    for start, length in spans:
+        index = list(index)
+        index[dim] = slice(start, start + length)
+        parts.append(_read_ranges(sl, rest, index))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def meta_model(path: Path, dtype: torch.dtype):
@@ -97,46 +98,58 @@ def load_sharded(path: Path, dtype: torch.dtype, device: str | torch.device, mes
     cuts = parallelize(model, mesh)
     where = tensor_files(path)
 
-    with ExitStack() as stack:
-        handles: dict[Path, object] = {}
+    todo: dict[int, tuple[str, str, Cut | None, torch.Tensor]] = {}  # id(meta parameter) -> (name, key, cut, it)
+    for name, _, _, p in _holders(model, "_parameters"):
+        if id(p) not in todo:
+            source, cut = cuts.get(id(p), (id(p), None))
+            key = next((n for n in names[source] if n in where), None)
+            if key is None:
+                raise ValueError(f"checkpoint {path} has no tensor for {name} (looked for {names[source]})")
+            todo[id(p)] = (name, key, cut, p)
+    # One open per tensor: the file's mapping lives only while this tensor is read, so the pages it touches
+    # (a sliced tensor's neighbouring bytes belong to other ranks) leave with it.
+    loaded = {pid: _read_parameter(where[key], name, key, cut, p, device, mesh.rank)
+              for pid, (name, key, cut, p) in todo.items()}  # tied slots share one
+    for _, module, attr, p in list(_holders(model, "_parameters")):
+        module._parameters[attr] = loaded[id(p)]
 
-        def handle(f: Path):
-            if f not in handles:
-                from safetensors import safe_open
-
-                handles[f] = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
-            return handles[f]
-
-        loaded: dict[int, nn.Parameter] = {}  # id(meta parameter) -> its weights: tied slots share one
-        for name, module, attr, p in list(_holders(model, "_parameters")):
-            if id(p) not in loaded:
-                source, cut = cuts.get(id(p), (id(p), None))
-                key = next((n for n in names[source] if n in where), None)
-                if key is None:
-                    raise ValueError(f"checkpoint {path} has no tensor for {name} (looked for {names[source]})")
-                sl = handle(where[key]).get_slice(key)
-                t = sl[:] if cut is None else read_cut(sl, len(sl.get_shape()), cut)
-                if tuple(t.shape) != tuple(p.shape):
-                    raise ValueError(f"checkpoint {path}: {key} has shape {tuple(sl.get_shape())}, which does not "
-                                     f"give {name}'s {tuple(p.shape)} on rank {mesh.rank}")
-                loaded[id(p)] = nn.Parameter(t.to(device=device, dtype=p.dtype), requires_grad=p.requires_grad)
-                loaded[id(p)]._is_hf_initialized = True
-            module._parameters[attr] = loaded[id(p)]
-
-        to_init: dict[int, nn.Module] = {}
-        for name, module, attr, b in list(_holders(model, "_buffers")):
-            if name in where:
-                value = handle(where[name]).get_tensor(name).to(device=device, dtype=b.dtype)
-                value._is_hf_initialized = True
-            else:
-                value = torch.empty_like(b, device=device)
-                to_init[id(module)] = module
-            module._buffers[attr] = value
+    to_init: dict[int, nn.Module] = {}
+    for name, module, attr, b in list(_holders(model, "_buffers")):
+        if name in where:
+            with _open(where[name]) as fh:
+                value = fh.get_tensor(name).to(device=device, dtype=b.dtype, copy=True)
+            value._is_hf_initialized = True
+        else:
+            value = torch.empty_like(b, device=device)
+            to_init[id(module)] = module
+        module._buffers[attr] = value
     for module, owner in _init_owners(model):  # only the uninitialised buffers: loaded tensors carry the flag
         if id(module) in to_init:
             owner._init_weights(module)
     _load_generation_config(model, path)
     return model.eval()
+
+
+def _open(f: Path):
+    from safetensors import safe_open
+
+    return safe_open(str(f), framework="pt", device="cpu")
+
+
+def _read_parameter(f: Path, name: str, key: str, cut: Cut | None, p: torch.Tensor, device, rank: int) -> nn.Parameter:
+    with _open(f) as fh:
+        sl = fh.get_slice(key)
+        t = sl[:] if cut is None else read_cut(sl, len(sl.get_shape()), cut)
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"{key} has shape {tuple(sl.get_shape())} in the checkpoint, which does not give "
+                             f"{name}'s {tuple(p.shape)} on rank {rank}")
+        # safetensors hands out views of its file mapping: copy them (a cut concatenated from several
+        # ranges already is one), so the rank holds only its own bytes and the mapping can go.
+        concatenated = cut is not None and len({d for d, _, _ in cut}) < len(cut)
+        t = t.to(device=device, dtype=p.dtype, copy=not concatenated)
+    param = nn.Parameter(t, requires_grad=p.requires_grad)
+    param._is_hf_initialized = True
+    return param
 
 
 def _init_owners(model) -> Iterator[tuple[nn.Module, nn.Module]]:
