@@ -275,5 +275,24 @@ def _submit_and_check(spec, runtime_env, s3_server, fs):
             assert json.loads(fs.cat(f"{root}/_SUCCESS"))["rows"] == 16
         report = json.loads(fs.cat("dgbatch-demo/backfill/_reports/2026-11-28_2026-11-30.json"))
         assert report["counts"] == {"done": 3, "skipped": 0, "missing": 0, "failed": 0} and report["exit_code"] == 0
+        _read_back_as_the_readme_says(s3_server)
     finally:
         subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
+
+
+def _read_back_as_the_readme_says(s3_server) -> None:
+    """The README's recipes for reading a job's output from S3: `datasets` and DuckDB (over fsspec)."""
+    import datasets
+    import duckdb
+    import fsspec
+
+    opts = lambda: {"key": s3_server.key, "secret": s3_server.secret,
+                    "client_kwargs": {"endpoint_url": s3_server.endpoint_url}}
+    ds = datasets.load_dataset("parquet", data_files="s3://dgbatch-demo/backfill/date=2026-11-29/data/*.parquet",
+                               split="train", storage_options=opts())
+    assert ds.num_rows == 16 and set(ds["partition"]) == {"2026-11-29"}
+    con = duckdb.connect()
+    con.register_filesystem(fsspec.filesystem("s3", skip_instance_cache=True, **opts()))
+    rows = con.sql("SELECT partition, count(*) FROM read_parquet('s3://dgbatch-demo/backfill/date=*/data/*.parquet') "
+                   "GROUP BY partition ORDER BY partition").fetchall()
+    assert rows == [("2026-11-28", 16), ("2026-11-29", 16), ("2026-11-30", 16)]
