@@ -286,6 +286,7 @@ def _read_back_as_the_readme_says(s3_server) -> None:
     import duckdb
     import fsspec
 
+    # A fresh dict each time: datasets adds its own keys to the storage_options it is given.
     opts = lambda: {"key": s3_server.key, "secret": s3_server.secret,
                     "client_kwargs": {"endpoint_url": s3_server.endpoint_url}}
     ds = datasets.load_dataset("parquet", data_files="s3://dgbatch-demo/backfill/date=2026-11-29/data/*.parquet",
