@@ -24,6 +24,7 @@ import yaml
 
 from dgbatch import backfill
 from dgbatch.config import load_config
+from tests.conftest import ray_head_ports
 
 REPO = Path(__file__).resolve().parent.parent
 KUBERAY = REPO / "infra" / "kuberay"
@@ -251,7 +252,7 @@ def _submit_and_check(spec, runtime_env, s3_server, fs):
     try:
         run(ray_bin, "get-auth-token", "--generate", timeout=60)
         started = run(ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(gcs), "--dashboard-host",
-                      "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats", timeout=180)
+                      "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats", *ray_head_ports(), timeout=180)
         assert started.returncode == 0, started.stdout + started.stderr
         address = f"http://127.0.0.1:{dash}"
         deadline = time.time() + 60
