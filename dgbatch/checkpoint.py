@@ -4,33 +4,76 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
+import time
+import uuid
 from pathlib import Path
 
 from dgbatch.config import ConfigError, JobConfig, ModelSection, SamplingSection, StorageSection
 from dgbatch.generation import SamplingParams
 
+log = logging.getLogger(__name__)
+
 CACHE_DIR = Path(os.environ.get("DGBATCH_CACHE", Path.home() / ".cache" / "dgbatch"))
+COMPLETE = ".complete"  # inside a cached checkpoint: it was downloaded whole
 
 
 def local_checkpoint(model: ModelSection, storage: StorageSection | None = None) -> Path:
-    """The checkpoint as a local directory, downloading a remote one (fsspec URL) once into the cache."""
+    """The checkpoint as a local directory, downloading a remote one (fsspec URL) once per node into the cache."""
     if "://" not in model.path or model.path.startswith("file://"):
         path = Path(model.path.removeprefix("file://")).expanduser().resolve()
         _check_dir(path, model.path)
         return path
-    from dgbatch.io.fs import filesystem
-
-    fs, remote = filesystem(model.path, storage)
     dest = CACHE_DIR / "models" / hashlib.sha256(model.path.encode()).hexdigest()[:16]
-    if not (dest / ".complete").exists():
-        if not fs.exists(remote):
-            raise ConfigError(f"model.path {model.path!r} does not exist")
-        dest.mkdir(parents=True, exist_ok=True)
-        fs.get(remote.rstrip("/") + "/", str(dest), recursive=True)
-        (dest / ".complete").touch()
+    if not (dest / COMPLETE).is_file():
+        _download(model, storage, dest)
     _check_dir(dest, model.path)
     return dest
+
+
+def _download(model: ModelSection, storage: StorageSection | None, dest: Path) -> None:
+    """Fetch `model.path` into `dest`, once, whoever else on this node asks at the same time.
+
+    Every process (the replicas and ranks of a node, the driver) takes the same lock file next to `dest`;
+    the first one downloads into a hidden sibling directory and renames it into place whole, with its
+    COMPLETE marker already inside, so `dest` is either absent or complete and no reader ever sees a
+    half-written checkpoint. The others wait on the lock, then find it there. The lock (flock) dies with
+    its holder, so a crashed download is redone by the next process; its partial directory is removed."""
+    from filelock import FileLock, Timeout
+
+    from dgbatch.io.fs import filesystem
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(dest) + ".lock")
+    try:
+        lock.acquire(timeout=5)
+    except Timeout:
+        log.info("waiting for another process on this node to download %s into %s", model.path, dest)
+        lock.acquire()
+    try:
+        if (dest / COMPLETE).is_file():
+            return
+        fs, remote = filesystem(model.path, storage)
+        if not fs.exists(remote):
+            raise ConfigError(f"model.path {model.path!r} does not exist")
+        for stale in [dest, *dest.parent.glob(f".{dest.name}.*.partial")]:  # a crashed or pre-lock download
+            shutil.rmtree(stale, ignore_errors=True)
+        t0 = time.time()
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.partial")
+        tmp.mkdir()
+        try:
+            fs.get(remote.rstrip("/") + "/", str(tmp), recursive=True)
+            size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+            (tmp / COMPLETE).write_text(json.dumps({"source": model.path, "bytes": size}) + "\n")
+            os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("downloaded %s to %s (%.1f MB in %.1f s)", model.path, dest, size / 1e6, time.time() - t0)
+    finally:
+        lock.release()
 
 
 def _check_dir(path: Path, shown: str) -> None:
@@ -103,16 +146,23 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
-def load_model(path: Path, model: ModelSection):
-    """Load weights (safetensors only) onto the configured device, in eval mode."""
+def load_model(path: Path, model: ModelSection, mesh=None):
+    """Load weights (safetensors only) onto the configured device, in eval mode. With a `mesh` (one rank of
+    a parallel replica), the rank's shard of the model, reading only the weights and slices it keeps."""
     import torch
-    from transformers import DiffusionGemmaForBlockDiffusion
 
     device = model.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, model.dtype)
+    if mesh is not None:
+        from dgbatch.parallel.load import load_sharded
+
+        return load_sharded(path, dtype, device, mesh)
+    from transformers import DiffusionGemmaForBlockDiffusion
+
     m = DiffusionGemmaForBlockDiffusion.from_pretrained(
-        str(path), dtype=getattr(torch, model.dtype), use_safetensors=True, trust_remote_code=False
+        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False
     )
     return m.to(device).eval()
 

@@ -61,6 +61,11 @@ class InputSection(Section):
     max_new_tokens_column: str | None = Field(
         None, description="Integer column: a row's own output budget, capped at sampling.max_new_tokens (null: that)."
     )
+    partition: str | None = Field(
+        None,
+        description="The partition this job covers (set per date/hour by `jobs.backfill`): it prefixes the default "
+        "row ids (so per-row seeds differ between partitions) and is written to the output's `partition` column.",
+    )
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputSection:

@@ -17,8 +17,14 @@ from collections import Counter
 from dgbatch import checkpoint
 from dgbatch.config import JobConfig
 from dgbatch.planning.buckets import padded_positions
-from dgbatch.planning.planner import (ERROR_BUCKET, assign_shards, bucket_edges, input_rows_per_shard,
-                                      report_batch_size, tokenize_fragment)
+from dgbatch.planning.planner import (
+    ERROR_BUCKET,
+    assign_shards,
+    bucket_edges,
+    input_rows_per_shard,
+    report_batch_size,
+    tokenize_fragment,
+)
 from dgbatch.planning.prompts import PromptEncoder
 from dgbatch.planning.source import inspect_input
 from dgbatch.status import reason_kind
@@ -61,11 +67,8 @@ def plan_report(cfg: JobConfig, calibrate_rows: int | None = None) -> dict:
         frows = tokenize_fragment(cfg, frag, encoder)
         table, ids, token_ids, errors, lengths = frows.table, frows.ids, frows.prompt_ids, frows.errors, frows.lengths
 
-        def planned(idx: list[int]) -> list[int]:  # the prompt lengths of these rows' samples, as planned
-            return [lengths[i] for i in idx for _ in range(n) if lengths[i] is not None]
-
         for sid, bucket, idx in assign_shards(frag.index, lengths, edges, per_shard):
-            kept = planned(idx)
+            kept = _planned(lengths, idx, n)
             b = buckets.setdefault(bucket, {"bucket": bucket, "rows": 0, "shards": 0, "prompt_tokens": 0,
                                             "padded_positions": 0})
             b["rows"] += len(idx) * n
@@ -73,9 +76,9 @@ def plan_report(cfg: JobConfig, calibrate_rows: int | None = None) -> dict:
             b["prompt_tokens"] += sum(kept)
             b["padded_positions"] += padded_positions(kept, batch)
             shards += 1
-        padded["no_buckets"] += sum(padded_positions(planned(idx), batch)
+        padded["no_buckets"] += sum(padded_positions(_planned(lengths, idx, n), batch)
                                     for _, _, idx in assign_shards(frag.index, lengths, [], per_shard))
-        valid = planned(range(len(lengths)))
+        valid = _planned(lengths, range(len(lengths)), n)
         padded["input_order"] += padded_positions(valid, batch)
         prompt_tokens += sum(valid)
         max_len = max([max_len, *valid])
@@ -135,6 +138,11 @@ def plan_report(cfg: JobConfig, calibrate_rows: int | None = None) -> dict:
     report["estimate"] = _calibrate(cfg, model_dir, params, tokenizer, pool, calibrate_rows,
                                     inp.num_rows * n - error_rows)
     return report
+
+
+def _planned(lengths: list[int | None], idx, n: int) -> list[int]:
+    """The prompt lengths of these rows' n samples each, as the planner lays them out (errors left out)."""
+    return [lengths[i] for i in idx for _ in range(n) if lengths[i] is not None]
 
 
 def _fraction(tokens: int, positions: int) -> float:

@@ -84,11 +84,7 @@ def _load(cfg: JobConfig, mesh=None):
     tokenizer = checkpoint.load_tokenizer(model_dir)
     params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
     pad_id, eos_ids = checkpoint.special_ids(model_dir, tokenizer)
-    model = checkpoint.load_model(model_dir, cfg.model)
-    if mesh is not None:
-        from dgbatch.parallel import parallelize
-
-        parallelize(model, mesh)
+    model = checkpoint.load_model(model_dir, cfg.model, mesh)  # with a mesh: only this rank's slices are read
     return model, tokenizer, params, pad_id, eos_ids
 
 

@@ -59,6 +59,14 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def ray_head_ports() -> list[str]:
+    """`ray start --head` options for free ports where it would bind fixed defaults (the dashboard agent's
+    52365, the client server's 10001): a second Ray head on the machine would otherwise leave the job API
+    without an agent ("No available agent to submit job")."""
+    agent, client = _free_ports(2)
+    return ["--dashboard-agent-listen-port", str(agent), "--ray-client-server-port", str(client)]
+
+
 def _weed_binary() -> str:
     found = shutil.which("weed") or shutil.which("weed", path=str(Path(sys.executable).parent))
     if not found:

@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 
 from dgbatch.config import JobConfig
+from dgbatch.io.commit import write_bytes
 from dgbatch.planning.buckets import auto_edges, bucket_of, padded_positions
 from dgbatch.planning.jsonl import READ_ERROR
 from dgbatch.planning.prompts import PromptEncoder
-from dgbatch.planning.source import Fragment, InputPlan, carried_name, read_fragment
+from dgbatch.planning.source import PARTITION_COLUMN, Fragment, InputPlan, carried_name, read_fragment
 
 # Internal shard columns; prefixed so they never clash with the input's own columns.
 ID, PROMPT_IDS, NUM_PROMPT, PLAN_ERROR = "_dgb_id", "_dgb_prompt_ids", "_dgb_num_prompt_tokens", "_dgb_plan_error"
@@ -63,10 +64,13 @@ class ShardMeta:
         return ShardMeta(**d)
 
 
-def row_ids(table: pa.Table, frag: Fragment, id_column: str | None) -> list[str]:
+def row_ids(table: pa.Table, frag: Fragment, id_column: str | None, partition: str | None = None) -> list[str]:
+    """The input's id column, or `[PARTITION/]FILE:ROW` (FILE relative to the input root): stable across runs,
+    and distinct across a backfill's partitions, whose files often share names (part-0.parquet)."""
     if id_column:
         return [str(v) for v in table.column(id_column).to_pylist()]
-    return [f"{frag.label}:{frag.row_start + i}" for i in range(table.num_rows)]
+    prefix = f"{partition}/" if partition is not None else ""
+    return [f"{prefix}{frag.label}:{frag.row_start + i}" for i in range(table.num_rows)]
 
 
 def sample_lengths(cfg: JobConfig, inp: InputPlan, tokenizer, max_prompt: int, per_fragment: int = 512) -> list[int]:
@@ -141,8 +145,9 @@ def write_shard(fs, path: str, table: pa.Table) -> None:
     buf = io.BytesIO()
     with pa.ipc.new_file(buf, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
         writer.write_table(table)
-    # No fsync dance: a plan shard is rebuilt if planning dies; the manifest is the commit point.
-    fs.pipe_file(path, buf.getvalue())
+    # Replaced atomically: a second run planning the same job at once (overlapping cron ticks) rewrites
+    # the same bytes while the first one's replicas read them. The manifest is the commit point.
+    write_bytes(fs, path, buf.getvalue())
 
 
 def read_shard(fs, path: str, columns: list[str] | None = None) -> pa.Table:
@@ -178,7 +183,8 @@ def tokenize_fragment(cfg: JobConfig, frag: Fragment, encoder: PromptEncoder) ->
     budgets, budget_errors = row_budgets(table, cfg.input.max_new_tokens_column)
     errors = [r or b or e for r, b, e in zip(read_errors, budget_errors, errors)]
     prompt_ids = [None if e else t for t, e in zip(prompt_ids, errors)]
-    return FragmentRows(table, row_ids(table, frag, cfg.input.id_column), prompt_ids, errors, budgets)
+    ids = row_ids(table, frag, cfg.input.id_column, cfg.input.partition)
+    return FragmentRows(table, ids, prompt_ids, errors, budgets)
 
 
 def plan_fragment(
@@ -192,6 +198,8 @@ def plan_fragment(
     ids, prompt_ids, errors, budgets, lengths = rows.ids, rows.prompt_ids, rows.errors, rows.budgets, rows.lengths
     # Columns from an earlier dgbatch pass (this input is a job's output) are carried as prev_*.
     table = rows.table.rename_columns([carried_name(c, cfg.input.id_column) for c in rows.table.column_names])
+    if cfg.input.partition is not None:  # carried through to the output like any input column
+        table = table.append_column(PARTITION_COLUMN, pa.array([cfg.input.partition] * table.num_rows, pa.string()))
     fs, _ = filesystem(cfg.output.path, cfg.storage)
     layout = Layout(root)
     fs.makedirs(layout.plan_shard(), exist_ok=True)

@@ -36,6 +36,7 @@ OUTPUT_COLUMNS = (
     "extracted",
 )
 PREVIOUS_PREFIX = "prev_"
+PARTITION_COLUMN = "partition"  # written when input.partition is set (a backfill's date or hour)
 
 
 def carried_name(name: str, id_column: str | None) -> str:
@@ -52,6 +53,10 @@ def carried_name(name: str, id_column: str | None) -> str:
 
 class InputError(ConfigError):
     """The input as a whole cannot be read as configured."""
+
+
+class InputMissing(InputError):
+    """input.path does not exist or matches no files (a backfill records such a partition as missing)."""
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,9 @@ def list_files(section: InputSection, storage: StorageSection | None) -> tuple[o
     elif fs.exists(path):
         files, root = [path], path.rsplit("/", 1)[0]
     else:
-        raise InputError(f"input.path {section.path!r} does not exist")
+        raise InputMissing(f"input.path {section.path!r} does not exist")
     if not files:
-        raise InputError(f"input.path {section.path!r} matched no files")
+        raise InputMissing(f"input.path {section.path!r} matched no files")
     return fs, root, files
 
 
@@ -154,6 +159,9 @@ def check_schema(schema: pa.Schema, section: InputSection, where: str, extra: Ma
     for column, key in named.items():
         if column and column not in names:
             raise InputError(f"{where}: column {column!r} ({key}) not found; columns are {names}")
+    if section.partition is not None and PARTITION_COLUMN in names:
+        raise InputError(f"{where}: input column {PARTITION_COLUMN!r} collides with the partition column dgbatch "
+                         f"writes when input.partition is set (a backfill); rename it")
     budget = section.max_new_tokens_column
     if budget and not (pa.types.is_integer(schema.field(budget).type) or pa.types.is_null(schema.field(budget).type)):
         raise InputError(f"{where}: column {budget!r} (input.max_new_tokens_column) has type "
