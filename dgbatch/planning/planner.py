@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from dgbatch.config import JobConfig
 from dgbatch.planning.buckets import auto_edges, bucket_of, padded_positions
+from dgbatch.planning.ids import checked_ids, digest_parts
 from dgbatch.planning.prompts import PromptEncoder
 from dgbatch.planning.source import Fragment, InputPlan, read_fragment
 
@@ -44,8 +45,9 @@ class ShardMeta:
 
 
 def row_ids(table: pa.Table, frag: Fragment, id_column: str | None) -> list[str]:
+    """The fragment's row ids: `id_column`'s values (checked: set, unique here), or FILE:ROW."""
     if id_column:
-        return [str(v) for v in table.column(id_column).to_pylist()]
+        return checked_ids(table.column(id_column).to_pylist(), frag.label, frag.row_start, id_column)
     return [f"{frag.label}:{frag.row_start + i}" for i in range(table.num_rows)]
 
 
@@ -82,13 +84,28 @@ def plan_fragment(
     cfg: JobConfig, frag: Fragment, edges: list[int], model_dir: str, max_prompt: int, root: str
 ) -> list[dict]:
     """Tokenize one fragment and write its shards. Runs as a Ray task; returns shard metadata dicts."""
+    return _plan_fragment(cfg, frag, edges, model_dir, max_prompt, root)[0]
+
+
+def plan_fragment_with_id_digests(
+    cfg: JobConfig, frag: Fragment, edges: list[int], model_dir: str, max_prompt: int, root: str, parts: int
+) -> tuple:
+    """`plan_fragment`, also returning its ids' digests in `parts` partitions (a Ray task with 1 + parts
+    returns: the driver passes each partition on to its duplicate check without fetching it)."""
+    metas, ids = _plan_fragment(cfg, frag, edges, model_dir, max_prompt, root)
+    return (metas, *digest_parts(ids, frag.index, parts))
+
+
+def _plan_fragment(
+    cfg: JobConfig, frag: Fragment, edges: list[int], model_dir: str, max_prompt: int, root: str
+) -> tuple[list[dict], list[str]]:
     from dgbatch.io.fs import filesystem
     from dgbatch.io.layout import Layout
 
     encoder = _encoder(model_dir, max_prompt)
     table = read_fragment(frag, cfg.input, cfg.storage)
-    prompt_ids, errors = encoder.encode_column(table, cfg.input)
     ids = row_ids(table, frag, cfg.input.id_column)
+    prompt_ids, errors = encoder.encode_column(table, cfg.input)
     groups: dict[int, list[int]] = {}
     for i, (t, err) in enumerate(zip(prompt_ids, errors)):
         groups.setdefault(ERROR_BUCKET if err else bucket_of(len(t), edges), []).append(i)
@@ -116,4 +133,4 @@ def plan_fragment(
             batch = cfg.engine.batch_size if cfg.engine.batch_size != "auto" else REPORT_BATCH_SIZE
             padded = padded_positions(lengths, batch)
             metas.append(asdict(ShardMeta(shard_id, len(idx), bucket, len(idx) - len(lengths), sum(lengths), padded)))
-    return metas
+    return metas, ids
