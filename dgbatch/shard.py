@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dgbatch.generation import Backend, Generation, Request
+from dgbatch.io import markers
 from dgbatch.io.commit import put_exclusive, write_json
 from dgbatch.io.layout import Layout
 from dgbatch.planning.planner import ID, NUM_PROMPT, PLAN_ERROR, PROMPT_IDS
@@ -47,11 +48,17 @@ def generate_isolated(backend: Backend, requests: Sequence[Request]) -> list[Gen
     return out
 
 
+STATS_COLUMNS = ["finish_reason", "num_output_tokens", "num_prompt_tokens", "tokens_per_forward"]
+
+
 def stats_of_output(fs, path: str) -> ShardStats:
     """Stats recomputed from a committed output file (when its commit marker is missing)."""
-    cols = ["finish_reason", "num_output_tokens", "num_prompt_tokens", "tokens_per_forward"]
     with fs.open(path, "rb") as fh:
-        t = pq.read_table(fh, columns=cols)
+        return stats_of_table(pq.read_table(fh, columns=STATS_COLUMNS))
+
+
+def stats_of_table(t: pa.Table) -> ShardStats:
+    cols = STATS_COLUMNS
     stats = ShardStats()
     for reason, n_out, n_prompt, tpf in zip(*(t.column(c).to_pylist() for c in cols)):
         stats.add_row(reason, n_out, n_prompt, tpf)
@@ -70,23 +77,35 @@ class ShardRunner:
         self.fs = fs
         self.layout = layout
         self.eos_ids = set(eos_ids)
-        self.metadata = {b"dgbatch": json.dumps(job_meta).encode()}
+        self.job_meta = job_meta
+        self.plan_id = job_meta.get("plan", "")
         self.drop_input_id = id_column == "id"
 
     def run(self, shard_id: str) -> dict:
         """Run and commit one shard; returns its stats (of the committed file, whoever wrote it)."""
         data_path = self.layout.data(shard_id)
         if self.fs.exists(data_path):  # committed by an earlier attempt
-            return self._record(shard_id, stats_of_output(self.fs, data_path))
+            return self._record(shard_id, *self._committed(shard_id))
         with self.fs.open(self.layout.plan_shard(shard_id), "rb") as fh:
             shard = pq.read_table(fh)
         table, stats = self.build_output(shard)
         buf = io.BytesIO()
-        pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata}), buf)
-        if not put_exclusive(self.fs, data_path, buf.getvalue()):
-            log.info("shard %s was already committed by another writer; keeping that one", shard_id)
-            stats = stats_of_output(self.fs, data_path)
-        return self._record(shard_id, stats)
+        meta = {markers.FOOTER_KEY: json.dumps({**self.job_meta, "shard": shard_id, "plan": self.plan_id}).encode()}
+        pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **meta}), buf)
+        data = buf.getvalue()
+        if put_exclusive(self.fs, data_path, data):
+            return self._record(shard_id, markers.DataFile.of_bytes(data, table.num_rows), stats)
+        log.info("shard %s was already committed by another writer; keeping that one", shard_id)
+        return self._record(shard_id, *self._committed(shard_id))
+
+    def _committed(self, shard_id: str) -> tuple[markers.DataFile, ShardStats]:
+        """The data file another attempt committed, described for its marker; refused if not this shard's."""
+        data = self.fs.cat_file(self.layout.data(shard_id))
+        file, table = markers.read_committed(data)
+        footer = markers.footer_meta(table.schema)
+        if footer.get("shard") != shard_id or footer.get("plan") != self.plan_id:
+            raise RuntimeError(f"data/{shard_id}.parquet exists but was not written for this shard of this plan")
+        return file, stats_of_table(table.select(STATS_COLUMNS))
 
     def build_output(self, shard: pa.Table) -> tuple[pa.Table, ShardStats]:
         ids = shard.column(ID).to_pylist()
@@ -130,6 +149,6 @@ class ShardRunner:
             out = out.append_column(name, pa.array(cols[name], typ))
         return out, stats
 
-    def _record(self, shard_id: str, stats: ShardStats) -> dict:
-        write_json(self.fs, self.layout.commit(shard_id), stats.to_dict())
+    def _record(self, shard_id: str, file: markers.DataFile, stats: ShardStats) -> dict:
+        write_json(self.fs, self.layout.commit(shard_id), markers.marker(shard_id, self.plan_id, file, stats.to_dict()))
         return stats.to_dict()

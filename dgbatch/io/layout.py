@@ -1,19 +1,25 @@
 """Where everything lives under a job's output root. One place, so readers and writers agree.
 
     OUTPUT/data/<shard>.parquet        outputs; a file exists only once complete (its commit)
-    OUTPUT/_commits/<shard>.json       per-shard stats, written after the data file
+    OUTPUT/_commits/<shard>.json       the data file's size, rows and sha256, and per-shard stats (io/markers.py)
     OUTPUT/_failed/<shard>.json        shards that exhausted their attempts, with the reason
+    OUTPUT/_rejected/<name>.<time>.rejected  data files that failed their check (dgbatch/commits.py)
     OUTPUT/_plan/manifest.json         the plan: buckets and shard list
     OUTPUT/_plan/shards/<shard>.parquet  tokenized prompt shards
-    OUTPUT/_job.json                   config fingerprint and public config of the job
+    OUTPUT/_job.json                   the job that owns this root: identity, fingerprint, public config
     OUTPUT/_summary.json, OUTPUT/_SUCCESS
+
+A root is either absent, empty, or a dgbatch job's (it has `_job.json`): `unowned_entries` says.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from dgbatch.io.fs import join
+
+_OUR_TEMP = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # io.commit's in-flight temp files
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,9 @@ class Layout:
 
     def failed(self, shard_id: str = "") -> str:
         return join(self.root, "_failed", f"{shard_id}.json") if shard_id else join(self.root, "_failed")
+
+    def rejected(self, name: str = "") -> str:
+        return join(self.root, "_rejected", name) if name else join(self.root, "_rejected")
 
     def plan_shard(self, shard_id: str) -> str:
         return join(self.root, "_plan", "shards", f"{shard_id}.parquet")
@@ -47,3 +56,22 @@ class Layout:
     @property
     def success(self) -> str:
         return join(self.root, "_SUCCESS")
+
+
+def unowned_entries(fs, root: str) -> list[str] | None:
+    """None if `root` may be used by a new job (absent, empty, or holding `_job.json`); else the names it holds.
+
+    Raises NotADirectoryError if `root` is a file.
+    """
+    fs.invalidate_cache(root)
+    try:
+        if fs.isfile(root):
+            raise NotADirectoryError(root)
+        entries = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return None
+    names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+    names = [n for n in names if n and not _OUR_TEMP.match(n) and join(root, n) != root.rstrip("/")]
+    if not names or "_job.json" in names:
+        return None
+    return names

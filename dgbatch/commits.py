@@ -1,0 +1,124 @@
+"""Which shards of a plan are committed: checked, never assumed from a file's name.
+
+One listing of `data/` (names and sizes) and one batched read of the commit markers decide it
+(`io/markers.py` says what a marker holds); a data file without a marker is judged by its own footer,
+and its marker rebuilt. A data file that fails the check (truncated, replaced, from another plan, or
+not dgbatch's) is moved to `OUTPUT/_rejected/` (nothing is deleted) and its shard runs again; a marker
+whose data file is gone is removed. The driver calls this before it schedules (resume) and before it
+writes `_SUCCESS`, so a job is complete only when every data file checks out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from dgbatch.io import markers
+from dgbatch.io.commit import list_names, write_json
+from dgbatch.io.fs import join
+from dgbatch.io.layout import Layout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Committed:
+    markers: dict[str, dict] = field(default_factory=dict)  # shard id -> its checked marker
+    rejected: dict[str, str] = field(default_factory=dict)  # data file name -> why it was moved aside
+
+
+def _listing(fs, directory: str) -> dict[str, int]:
+    """{base name: size} of the visible files directly under `directory` (one listing)."""
+    fs.invalidate_cache(directory)
+    try:
+        entries = fs.ls(directory, detail=True)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for e in entries:
+        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+        if e.get("type") == "file" and not name.startswith("."):
+            out[name] = int(e.get("size") or 0)
+    return out
+
+
+def _read_markers(fs, layout: Layout, shard_ids: list[str]) -> dict[str, dict]:
+    names = set(list_names(fs, layout.commit(), ".json"))
+    paths = {layout.commit(s): s for s in shard_ids if f"{s}.json" in names}
+    blobs = fs.cat(list(paths), on_error="omit") if paths else {}  # one batched (concurrent on S3) read
+    by_path = {fs._strip_protocol(p): b for p, b in blobs.items()}
+    out = {}
+    for path, sid in paths.items():
+        blob = by_path.get(fs._strip_protocol(path))
+        try:
+            value = json.loads(blob) if blob is not None else None
+        except ValueError:
+            value = None
+        out[sid] = value if isinstance(value, dict) else {}
+    return out
+
+
+def _from_footer(fs, layout: Layout, sid: str, plan_id: str, rows: int, size: int) -> tuple[dict | None, str | None]:
+    """(rebuilt marker, None) for a data file without a marker that is this shard's, else (None, why not)."""
+    from dgbatch.shard import STATS_COLUMNS, stats_of_table
+
+    try:
+        data = fs.cat_file(layout.data(sid))
+        file, table = markers.read_committed(data)
+    except Exception:  # noqa: BLE001 - unreadable is the verdict, whatever pyarrow raises
+        return None, markers.problem(None, sid, plan_id, rows, size)
+    why = markers.problem(None, sid, plan_id, rows, size, markers.footer_meta(table.schema), table.num_rows)
+    if why is not None:
+        return None, why
+    try:
+        stats = stats_of_table(table.select(STATS_COLUMNS)).to_dict()
+    except Exception:  # noqa: BLE001
+        return None, "it lacks dgbatch's output columns"
+    return markers.marker(sid, plan_id, file, stats), None
+
+
+def _reject(fs, layout: Layout, name: str) -> None:
+    """Move data/<name> to _rejected/<name>.<UTC time>.rejected (out of every reader's `*.parquet` glob)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = join(layout.root, "_rejected", f"{name}.{stamp}.rejected")
+    fs.makedirs(join(layout.root, "_rejected"), exist_ok=True)
+    fs.mv(join(layout.data(), name), dest)
+
+
+def verify(fs, layout: Layout, plan_id: str, shard_rows: dict[str, int], repair: bool = True) -> Committed:
+    """The committed shards of the plan `plan_id` ({shard id: rows}); with `repair`, move failing data files
+    aside, remove stale markers and rebuild missing ones."""
+    listed = _listing(fs, layout.data())
+    found = {sid for sid in shard_rows if f"{sid}.parquet" in listed}
+    have_marker = _read_markers(fs, layout, list(shard_rows))
+    out = Committed()
+    for sid, rows in shard_rows.items():
+        m = have_marker.get(sid)
+        if sid not in found:
+            if m is not None and repair:  # its data file is gone: the shard is not committed
+                fs.rm(layout.commit(sid))
+            continue
+        size = listed[f"{sid}.parquet"]
+        if m is not None and isinstance(m.get("file"), dict):
+            why = markers.problem(m, sid, plan_id, rows, size)
+        else:  # no marker (a crash between data and marker), or one unreadable or of an older format
+            m, why = _from_footer(fs, layout, sid, plan_id, rows, size)
+        if why is None:
+            if repair and have_marker.get(sid) != m:
+                write_json(fs, layout.commit(sid), m)
+            out.markers[sid] = m
+            continue
+        out.rejected[f"{sid}.parquet"] = why
+        if repair:
+            _reject(fs, layout, f"{sid}.parquet")
+            if have_marker.get(sid) is not None:
+                fs.rm(layout.commit(sid))
+    for name in sorted(set(listed) - {f"{sid}.parquet" for sid in found}):
+        out.rejected[name] = "it is not a shard of this job's plan"
+        if repair:
+            _reject(fs, layout, name)
+    for name, why in out.rejected.items():
+        log.warning("data/%s is not trusted (%s)%s", name, why, "; moved to _rejected/" if repair else "")
+    return out
