@@ -8,7 +8,8 @@ import signal
 import sys
 
 from dgbatch import redact
-from dgbatch.config import ConfigError, load_config
+from dgbatch.config import load_config
+from dgbatch.errors import JobError, root_cause
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +38,12 @@ def run_job(config: str, overrides: list[str]) -> int:
         cfg = load_config(config, overrides)
         redact.install(cfg)
         return driver.run(cfg)
-    except ConfigError as e:
-        print(f"dgbatch: error: {redact.scrub(str(e))}", file=sys.stderr)
-        return driver.EXIT_BAD_INPUT
+    except Exception as e:  # one error path: any JobError, wherever raised (a Ray task's too), is one line
+        cause = root_cause(e)
+        if not isinstance(cause, JobError):
+            raise
+        print(f"dgbatch: error: {redact.scrub(cause.line())}", file=sys.stderr)
+        return cause.exit_code
 
 
 if __name__ == "__main__":
