@@ -122,14 +122,20 @@ def check_job(cfg: JobConfig) -> CheckedJob:
     params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
     max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
     checkpoint.check_parallel(cfg, model_dir)
-    resolved = {f"sampling.{k}": v for k, v in params.__dict__.items()}
-    resolved.update({"model.max_prompt_tokens": max_prompt, "model.checkpoint": checkpoint.checkpoint_digest(model_dir)})
-    identity = cfg.identity(resolved)
+    identity = job_identity(cfg, model_dir, params, max_prompt)
     check_writable(fs, layout, cfg.output.path)
     record = check_fingerprint(fs, layout, cfg, identity)
     job = CheckedJob(fs, layout, inp, model_dir, params, max_prompt, tokenizer, identity, record)
     check_plan(cfg, job)
     return job
+
+
+def job_identity(cfg: JobConfig, model_dir: Path, params, max_prompt: int) -> dict[str, Any]:
+    """The job's identity over resolved values: sampling as resolved against the checkpoint, the prompt
+    limit in force, and the checkpoint's digest."""
+    resolved: dict[str, Any] = {f"sampling.{k}": v for k, v in params.__dict__.items()}
+    resolved.update({"model.max_prompt_tokens": max_prompt, "model.checkpoint": checkpoint.checkpoint_digest(model_dir)})
+    return cfg.identity(resolved)
 
 
 def check_disjoint(cfg: JobConfig, inp: InputPlan) -> None:
@@ -302,7 +308,7 @@ def init_ray(cfg: JobConfig):
 LOCAL_HOST = "127.0.0.1"
 
 
-def start_local_ray(ray, num_cpus: int | None) -> None:
+def start_local_ray(ray, num_cpus: int | None, log_to_driver: bool = True) -> None:
     """A Ray for this machine alone: every process it starts (GCS, raylet, workers, dashboard agent,
     runtime-env agent) listens on 127.0.0.1 only.
 
@@ -318,7 +324,7 @@ def start_local_ray(ray, num_cpus: int | None) -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False  # read at import, so set it on the module too
     ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host=LOCAL_HOST, _node_ip_address=LOCAL_HOST,
-             log_to_driver=True)
+             log_to_driver=log_to_driver)
 
 
 def make_plan(
