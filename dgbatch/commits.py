@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 from dgbatch.io import markers
 from dgbatch.io.commit import list_names, write_json
-from dgbatch.io.fs import join
 from dgbatch.io.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -79,26 +78,44 @@ def _from_footer(fs, layout: Layout, sid: str, plan_id: str, rows: int, size: in
     return markers.marker(sid, plan_id, file, stats), None
 
 
-def _reject(fs, layout: Layout, name: str) -> None:
-    """Move data/<name> to _rejected/<name>.<UTC time>.rejected (out of every reader's `*.parquet` glob)."""
+def _reject(fs, layout: Layout, name: str, why: str) -> None:
+    """Move data/<name> to _rejected/<name>.<UTC time>.rejected (out of every reader's `*.parquet` glob),
+    with the reason beside it in <same>.json."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    dest = join(layout.root, "_rejected", f"{name}.{stamp}.rejected")
-    fs.makedirs(join(layout.root, "_rejected"), exist_ok=True)
-    fs.mv(join(layout.data(), name), dest)
+    dest = layout.rejected(f"{name}.{stamp}.rejected")
+    fs.makedirs(layout.rejected(), exist_ok=True)
+    fs.mv(layout.data(name), dest)
+    write_json(fs, dest + ".json", {"file": f"data/{name}", "moved_to": dest.rsplit("/", 1)[-1], "reason": why,
+                                    "at": stamp})
+
+
+def rejections(fs, layout: Layout) -> list[dict]:
+    """Every data file ever moved aside from this output, with why (from _rejected/*.json)."""
+    paths = [layout.rejected(n) for n in list_names(fs, layout.rejected(), ".json")]
+    blobs = fs.cat(paths, on_error="omit") if paths else {}
+    out = []
+    for blob in blobs.values():
+        try:
+            out.append(json.loads(blob))
+        except ValueError:
+            continue
+    return sorted(out, key=lambda r: (str(r.get("at")), str(r.get("file"))))
 
 
 def verify(fs, layout: Layout, plan_id: str, shard_rows: dict[str, int], repair: bool = True) -> Committed:
     """The committed shards of the plan `plan_id` ({shard id: rows}); with `repair`, move failing data files
-    aside, remove stale markers and rebuild missing ones."""
+    aside, remove stale markers and rebuild missing ones (a storage that refuses a repair is logged: the
+    verdict stands either way)."""
     listed = _listing(fs, layout.data())
     found = {sid for sid in shard_rows if f"{sid}.parquet" in listed}
     have_marker = _read_markers(fs, layout, list(shard_rows))
+    fix = _Repairs(repair)
     out = Committed()
     for sid, rows in shard_rows.items():
         m = have_marker.get(sid)
         if sid not in found:
-            if m is not None and repair:  # its data file is gone: the shard is not committed
-                fs.rm(layout.commit(sid))
+            if m is not None:  # its data file is gone: the shard is not committed
+                fix(fs.rm, layout.commit(sid))
             continue
         size = listed[f"{sid}.parquet"]
         if m is not None and isinstance(m.get("file"), dict):
@@ -106,19 +123,35 @@ def verify(fs, layout: Layout, plan_id: str, shard_rows: dict[str, int], repair:
         else:  # no marker (a crash between data and marker), or one unreadable or of an older format
             m, why = _from_footer(fs, layout, sid, plan_id, rows, size)
         if why is None:
-            if repair and have_marker.get(sid) != m:
-                write_json(fs, layout.commit(sid), m)
+            if have_marker.get(sid) != m:
+                fix(write_json, fs, layout.commit(sid), m)
             out.markers[sid] = m
             continue
         out.rejected[f"{sid}.parquet"] = why
-        if repair:
-            _reject(fs, layout, f"{sid}.parquet")
-            if have_marker.get(sid) is not None:
-                fs.rm(layout.commit(sid))
+        fix(_reject, fs, layout, f"{sid}.parquet", why)
+        if have_marker.get(sid) is not None:
+            fix(fs.rm, layout.commit(sid))
     for name in sorted(set(listed) - {f"{sid}.parquet" for sid in found}):
         out.rejected[name] = "it is not a shard of this job's plan"
-        if repair:
-            _reject(fs, layout, name)
+        fix(_reject, fs, layout, name, out.rejected[name])
     for name, why in out.rejected.items():
         log.warning("data/%s is not trusted (%s)%s", name, why, "; moved to _rejected/" if repair else "")
     return out
+
+
+class _Repairs:
+    """Run repair steps unless repair is off; a storage error is logged once, not raised."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.failed = enabled, False
+
+    def __call__(self, fn, *args) -> None:
+        if not self.enabled:
+            return
+        try:
+            fn(*args)
+        except OSError as e:
+            if not self.failed:
+                log.error("could not repair the output's commit records (%s); they are rechecked on the next run",
+                          e.strerror or e)
+            self.failed = True

@@ -156,11 +156,11 @@ def check_disjoint(cfg: JobConfig, inp: InputPlan) -> None:
 def check_writable(fs, layout: Layout, url: str) -> None:
     """Write and remove one hidden probe file, so a read-only output fails now, not after the plan."""
     probe = join(layout.root, f".dgbatch-probe.{uuid.uuid4().hex}.tmp")
+    if fs.isfile(layout.root):
+        raise ConfigError(f"output.path {url!r} is a file; it must be a directory (or absent)")
     try:
         write_bytes(fs, probe, b"")
         fs.rm(probe)
-    except NotADirectoryError:
-        raise ConfigError(f"output.path {url!r} is a file; it must be a directory (or absent)") from None
     except OSError as e:
         raise StorageError(f"output.path {url!r} is not writable: {e.strerror or e}") from None
 
@@ -657,7 +657,7 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
         "finish_reasons": total.finish_reasons,
         "failed_rows": total.error_rows,
         "failed_shards": [{"shard": s, "reason": r} for s, r in sorted(failed.items())],
-        "rejected_files": [{"file": f, "reason": r} for f, r in sorted(checked.rejected.items())],
+        "rejected_files": commits.rejections(fs, layout),
         "shards": len(plan.shards),
         "shards_run_now": ran,
         "wall_time_s": round(time.time() - t_start, 3),

@@ -3,7 +3,7 @@
     OUTPUT/data/<shard>.parquet        outputs; a file exists only once complete (its commit)
     OUTPUT/_commits/<shard>.json       the data file's size, rows and sha256, and per-shard stats (io/markers.py)
     OUTPUT/_failed/<shard>.json        shards that exhausted their attempts, with the reason
-    OUTPUT/_rejected/<name>.<time>.rejected  data files that failed their check (dgbatch/commits.py)
+    OUTPUT/_rejected/<name>.<time>.rejected[.json]  data files that failed their check, and why (commits.py)
     OUTPUT/_plan/manifest.json         the plan: buckets and shard list
     OUTPUT/_plan/shards/<shard>.parquet  tokenized prompt shards
     OUTPUT/_job.json                   the job that owns this root: identity, fingerprint, public config
@@ -27,7 +27,10 @@ class Layout:
     root: str  # fsspec path (no protocol) on the output filesystem
 
     def data(self, shard_id: str = "") -> str:
-        return join(self.root, "data", f"{shard_id}.parquet") if shard_id else join(self.root, "data")
+        """data/<shard>.parquet (a name ending in .parquet is taken as is), or the directory."""
+        if not shard_id:
+            return join(self.root, "data")
+        return join(self.root, "data", shard_id if shard_id.endswith(".parquet") else f"{shard_id}.parquet")
 
     def commit(self, shard_id: str = "") -> str:
         return join(self.root, "_commits", f"{shard_id}.json") if shard_id else join(self.root, "_commits")

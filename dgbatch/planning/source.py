@@ -197,6 +197,8 @@ def inspect_input(section: InputSection, storage: StorageSection | None, fragmen
             raise InputError(f"input file {rel!r} has a different schema from {first!r}: it "
                              f"{_schema_difference(file_schema, schema)}; every input file needs the same columns")
         files.append(InputFile(rel, int(info.get("size") or 0), _version(info), meta.num_rows))
+        if section.id_column:
+            _refuse_null_ids(meta, file_schema.get_field_index(section.id_column), section.id_column, rel)
         groups, start, rows = [], 0, 0
         for g in range(meta.num_row_groups):
             groups.append(g)
@@ -208,6 +210,19 @@ def inspect_input(section: InputSection, storage: StorageSection | None, fragmen
     if plan.num_rows == 0:
         raise InputError(f"input.path {section.path!r} holds no rows ({len(files)} file(s), all empty)")
     return plan
+
+
+def _refuse_null_ids(meta, column: int, name: str, rel: str) -> None:
+    """Null ids seen in the footer's statistics, before anything is read (planning checks the rest)."""
+    start = 0
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        stats = rg.column(column).statistics
+        if stats is not None and stats.has_null_count and stats.null_count:
+            raise InputError(f"input file {rel!r} rows {start}-{start + rg.num_rows - 1}: input.id_column {name!r} "
+                             f"has {stats.null_count} null value(s); every row needs an id (or unset input.id_column "
+                             f"to use FILE:ROW ids)")
+        start += rg.num_rows
 
 
 def _brief(e: BaseException) -> str:
