@@ -360,21 +360,34 @@ def make_plan(
 
 
 def _plan_fragments(ray, cfg: JobConfig, inp: InputPlan, args: tuple) -> list[ShardMeta]:
+    """Plan every fragment: Ray tasks, or in this process for one fragment (or without Ray: `ray` None).
+
+    With `input.id_column`, ids are checked across fragments too, by hashed partitions: each task returns
+    its digests per partition (as separate objects), one task per partition looks for repeats; the driver
+    only passes object refs along and sees the few duplicates found.
+    """
     frags = inp.fragments
-    if len(frags) == 1:  # not worth a worker process; its ids are checked in it
-        results = [plan_fragment(cfg, frags[0], *args)]
-    elif not cfg.input.id_column:
-        task = ray.remote(plan_fragment).options(num_cpus=1, max_retries=2)
-        results = ray.get([task.remote(cfg, f, *args) for f in frags])
-    else:  # ids are checked across fragments too: hashed partitions, never gathered in the driver
-        parts = ids.num_parts(inp.num_rows)
+    local = ray is None or len(frags) == 1
+    if not cfg.input.id_column:
+        if local:
+            results = [plan_fragment(cfg, f, *args) for f in frags]
+        else:
+            task = ray.remote(plan_fragment).options(num_cpus=1, max_retries=2)
+            results = ray.get([task.remote(cfg, f, *args) for f in frags])
+        return [ShardMeta.from_dict(m) for metas in results for m in metas]
+    parts = ids.num_parts(inp.num_rows)
+    if local:
+        outs = [plan_fragment_with_id_digests(cfg, f, *args, parts) for f in frags]
+        results = [o[0] for o in outs]
+        pairs = [p for i in range(parts) for p in ids.duplicates(*[o[1 + i] for o in outs])]
+    else:
         task = ray.remote(plan_fragment_with_id_digests).options(num_cpus=1, max_retries=2, num_returns=1 + parts)
         refs = [task.remote(cfg, f, *args, parts) for f in frags]
         results = ray.get([r[0] for r in refs])
         check = ray.remote(ids.duplicates).options(num_cpus=1)
         pairs = [p for found in ray.get([check.remote(*[r[1 + i] for r in refs]) for i in range(parts)])
                  for p in found]
-        _refuse_duplicate_ids(cfg, inp, pairs)
+    _refuse_duplicate_ids(cfg, inp, pairs)
     return [ShardMeta.from_dict(m) for metas in results for m in metas]
 
 

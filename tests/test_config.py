@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from dgbatch.config import ConfigError, load_config
+from dgbatch.config import ConfigError, JobConfig, load_config
+from tests.helpers import leaf_fields
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = {"model": {"path": "m"}, "input": {"path": "in.parquet"}, "output": {"path": "out"}}
@@ -154,14 +155,14 @@ def test_every_shipped_config_is_valid(path):
         ("output.path=' out'", "output.path: must not start or end with whitespace (got ' out') [no_surrounding_space]"),
         ('input.path="a\\nb"', "input.path: must not contain control characters"),
         ("input.prompt_column=''", "input.prompt_column: String should have at least 1 character"),
-        ("input.id_column=7", "input.id_column: Input should be a valid string (got 7); quote it to make it text: "
-                              "id_column='7' [string_type]"),
+        ("input.id_column=7", ("input.id_column: Input should be a valid string (got 7); quote it to make it text: "
+                               "id_column='7' [string_type]")),
         ("model.device=tpu", "model.device: must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got 'tpu') [device]"),
         ("model.device=cuda:x", "[device]"),
         ("storage.endpoint_url=ftp://h", "storage.endpoint_url: must be an http:// or https:// URL"),
         ("storage.endpoint_url=http://u:p@h", "[endpoint_url]"),
-        ("storage.key=AKIDONLY", "storage.key and storage.secret must be set together, or both left to the AWS "
-                                 "environment [key_with_secret]"),
+        ("storage.key=AKIDONLY", ("storage.key and storage.secret must be set together, or both left to the AWS "
+                                  "environment [key_with_secret]")),
         ("ray.num_cpus=0", "ray.num_cpus: Input should be greater than 0"),
         ("input.on_change=merge", "input.on_change: Input should be 'refuse' or 'replan'"),
     ],
@@ -180,27 +181,13 @@ def test_yaml_exponent_numbers_are_numbers_and_quoted_ones_are_not():
         load_config(None, ["sampling.entropy_bound='1e-3'"], base=BASE)
 
 
-def _leaf_fields(model, prefix=""):
-    """(dotted key, field) of every leaf field of a section tree."""
-    from pydantic import BaseModel
-
-    for name, f in model.model_fields.items():
-        sub = f.annotation if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) else None
-        if sub is not None:
-            yield from _leaf_fields(sub, f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}", f
-
-
-ALL_FIELDS = [key for key, _ in _leaf_fields(__import__("dgbatch.config", fromlist=["JobConfig"]).JobConfig)]
+ALL_FIELDS = [key for key, _ in leaf_fields(JobConfig)]
 
 
 @pytest.mark.parametrize("key", ALL_FIELDS)
 def test_every_field_is_strict_about_type(key):
     """New fields must use config.py's strict types: a value of the wrong kind is refused, never coerced."""
-    from dgbatch.config import JobConfig
-
-    field = dict(_leaf_fields(JobConfig))[key]
+    field = dict(leaf_fields(JobConfig))[key]
     wrong = ["maybe", 1, 0.5, ".nan"] if field.annotation is bool else [True, ".nan", "[true]", "{a: 1}"]
     for value in wrong:
         with pytest.raises(ConfigError) as e:

@@ -198,7 +198,7 @@ def inspect_input(section: InputSection, storage: StorageSection | None, fragmen
                              f"{_schema_difference(file_schema, schema)}; every input file needs the same columns")
         files.append(InputFile(rel, int(info.get("size") or 0), _version(info), meta.num_rows))
         if section.id_column:
-            _refuse_null_ids(meta, file_schema.get_field_index(section.id_column), section.id_column, rel)
+            _refuse_null_ids(meta, section.id_column, rel)
         groups, start, rows = [], 0, 0
         for g in range(meta.num_row_groups):
             groups.append(g)
@@ -212,9 +212,12 @@ def inspect_input(section: InputSection, storage: StorageSection | None, fragmen
     return plan
 
 
-def _refuse_null_ids(meta, column: int, name: str, rel: str) -> None:
+def _refuse_null_ids(meta, name: str, rel: str) -> None:
     """Null ids seen in the footer's statistics, before anything is read (planning checks the rest)."""
-    start = 0
+    leaves = [i for i in range(meta.num_columns) if meta.schema.column(i).path == name]  # Parquet leaf columns
+    if not leaves:
+        return
+    column, start = leaves[0], 0
     for g in range(meta.num_row_groups):
         rg = meta.row_group(g)
         stats = rg.column(column).statistics
