@@ -32,6 +32,8 @@ def run_job(config: str, overrides: list[str]) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("aiobotocore", "botocore", "s3fs"):  # "Found credentials in ..." on every S3 job
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     from dgbatch import driver
 
     try:

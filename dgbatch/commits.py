@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dgbatch.io import markers
@@ -22,9 +23,12 @@ from dgbatch.io.layout import Layout
 log = logging.getLogger(__name__)
 
 
+CHUNK = 1024  # markers read and checked at a time: memory stays O(chunk), not O(shards)
+
+
 @dataclass
 class Committed:
-    markers: dict[str, dict] = field(default_factory=dict)  # shard id -> its checked marker
+    shards: set[str] = field(default_factory=set)  # ids of the shards whose data files check out
     rejected: dict[str, str] = field(default_factory=dict)  # data file name -> why it was moved aside
 
 
@@ -43,8 +47,8 @@ def _listing(fs, directory: str) -> dict[str, int]:
     return out
 
 
-def _read_markers(fs, layout: Layout, shard_ids: list[str]) -> dict[str, dict]:
-    names = set(list_names(fs, layout.commit(), ".json"))
+def _read_markers(fs, layout: Layout, shard_ids: list[str], names: set[str]) -> dict[str, dict]:
+    """The markers of `shard_ids` among `names` (the listing of _commits/), in one batched read."""
     paths = {layout.commit(s): s for s in shard_ids if f"{s}.json" in names}
     blobs = fs.cat(list(paths), on_error="omit") if paths else {}  # one batched (concurrent on S3) read
     by_path = {fs._strip_protocol(p): b for p, b in blobs.items()}
@@ -102,41 +106,52 @@ def rejections(fs, layout: Layout) -> list[dict]:
     return sorted(out, key=lambda r: (str(r.get("at")), str(r.get("file"))))
 
 
-def verify(fs, layout: Layout, plan_id: str, shard_rows: dict[str, int], repair: bool = True) -> Committed:
-    """The committed shards of the plan `plan_id` ({shard id: rows}); with `repair`, move failing data files
-    aside, remove stale markers and rebuild missing ones (a storage that refuses a repair is logged: the
-    verdict stands either way)."""
+def verify(fs, layout: Layout, plan_id: str, shard_rows: dict[str, int], repair: bool = True,
+           visit: Callable[[str, dict], None] | None = None) -> Committed:
+    """The committed shards of the plan `plan_id` ({shard id: rows}); `visit(shard, marker)` is called for
+    each. With `repair`, failing data files are moved aside, stale markers removed and missing ones
+    rebuilt (a storage that refuses a repair is logged: the verdict stands either way)."""
     listed = _listing(fs, layout.data())
-    found = {sid for sid in shard_rows if f"{sid}.parquet" in listed}
-    have_marker = _read_markers(fs, layout, list(shard_rows))
+    marker_names = set(list_names(fs, layout.commit(), ".json"))
     fix = _Repairs(repair)
     out = Committed()
-    for sid, rows in shard_rows.items():
-        m = have_marker.get(sid)
-        if sid not in found:
-            if m is not None:  # its data file is gone: the shard is not committed
-                fix(fs.rm, layout.commit(sid))
-            continue
-        size = listed[f"{sid}.parquet"]
-        if m is not None and isinstance(m.get("file"), dict):
-            why = markers.problem(m, sid, plan_id, rows, size)
-        else:  # no marker (a crash between data and marker), or one unreadable or of an older format
-            m, why = _from_footer(fs, layout, sid, plan_id, rows, size)
-        if why is None:
-            if have_marker.get(sid) != m:
-                fix(write_json, fs, layout.commit(sid), m)
-            out.markers[sid] = m
-            continue
-        out.rejected[f"{sid}.parquet"] = why
-        fix(_reject, fs, layout, f"{sid}.parquet", why)
-        if have_marker.get(sid) is not None:
-            fix(fs.rm, layout.commit(sid))
-    for name in sorted(set(listed) - {f"{sid}.parquet" for sid in found}):
+    ids = list(shard_rows)
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start : start + CHUNK]
+        have_marker = _read_markers(fs, layout, chunk, marker_names)
+        for sid in chunk:
+            _check_one(fs, layout, plan_id, sid, shard_rows[sid], listed, have_marker.get(sid), fix, out, visit)
+    planned = {f"{sid}.parquet" for sid in shard_rows}
+    for name in sorted(set(listed) - planned):
         out.rejected[name] = "it is not a shard of this job's plan"
         fix(_reject, fs, layout, name, out.rejected[name])
     for name, why in out.rejected.items():
         log.warning("data/%s is not trusted (%s)%s", name, why, "; moved to _rejected/" if repair else "")
     return out
+
+
+def _check_one(fs, layout: Layout, plan_id: str, sid: str, rows: int, listed: dict[str, int], stored: dict | None,
+               fix, out: Committed, visit) -> None:
+    if f"{sid}.parquet" not in listed:
+        if stored is not None:  # its data file is gone: the shard is not committed
+            fix(fs.rm, layout.commit(sid))
+        return
+    size = listed[f"{sid}.parquet"]
+    if stored is not None and isinstance(stored.get("file"), dict):
+        m, why = stored, markers.problem(stored, sid, plan_id, rows, size)
+    else:  # no marker (a crash between data and marker), or one unreadable or of an older format
+        m, why = _from_footer(fs, layout, sid, plan_id, rows, size)
+    if why is None:
+        if stored is not m:
+            fix(write_json, fs, layout.commit(sid), m)
+        out.shards.add(sid)
+        if visit is not None:
+            visit(sid, m)
+        return
+    out.rejected[f"{sid}.parquet"] = why
+    fix(_reject, fs, layout, f"{sid}.parquet", why)
+    if stored is not None:
+        fix(fs.rm, layout.commit(sid))
 
 
 class _Repairs:

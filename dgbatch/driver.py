@@ -421,7 +421,7 @@ def run(cfg: JobConfig) -> int:
     # 2. Plan (or reuse the plan of an interrupted run), then see what is already committed (checked).
     ray = init_ray(cfg)
     plan = make_plan(ray, cfg, fs, layout, job.model_dir, job.max_prompt, job.inp, job.identity, job.tokenizer)
-    committed = set(commits.verify(fs, layout, plan.fingerprint, plan.shard_rows()).markers)
+    committed = commits.verify(fs, layout, plan.fingerprint, plan.shard_rows()).shards
     todo = [s for s in plan.shards if s.shard_id not in committed]
     progress = Progress(plan.num_rows)
     progress.done_rows = sum(s.rows for s in plan.shards if s.shard_id in committed)
@@ -451,9 +451,9 @@ def already_complete(job: CheckedJob) -> bool:
     if manifest is not None:  # check_plan has made sure it is this input's plan
         plan = Plan.from_dict(manifest)
         checked = commits.verify(fs, layout, plan.fingerprint, plan.shard_rows())
-        if len(checked.markers) == len(plan.shards):
+        if len(checked.shards) == len(plan.shards):
             return True
-        print(f"the finished job's outputs no longer check out ({len(plan.shards) - len(checked.markers)} shard(s) "
+        print(f"the finished job's outputs no longer check out ({len(plan.shards) - len(checked.shards)} shard(s) "
               f"missing or damaged); running them again", flush=True)
     fs.rm(layout.success)
     return False
@@ -651,15 +651,14 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
     A storage that refuses the summary or `_SUCCESS` is reported on one line (the summary still printed),
     and the job is not complete: exit 1, and a rerun finishes it.
     """
-    checked = commits.verify(fs, layout, plan.fingerprint, plan.shard_rows())
+    total = ShardStats()
+    checked = commits.verify(fs, layout, plan.fingerprint, plan.shard_rows(),
+                             visit=lambda _, m: total.merge(ShardStats.from_dict(m["stats"])))
     failed = dict(failed)
     for s in plan.shards:
-        if s.shard_id not in checked.markers and s.shard_id not in failed:
+        if s.shard_id not in checked.shards and s.shard_id not in failed:
             why = checked.rejected.get(f"{s.shard_id}.parquet", "its data file is missing")
             failed[s.shard_id] = f"not committed: {why}"
-    total = ShardStats()
-    for m in checked.markers.values():
-        total.merge(ShardStats.from_dict(m["stats"]))
     summary = {
         "rows": total.rows,
         "rows_total": plan.num_rows,

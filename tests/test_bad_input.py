@@ -176,6 +176,17 @@ def test_an_s3_endpoint_that_refuses_connections_is_one_line(tmp_path, toy_model
     assert "the endpoint does not answer" in line and "not-a-real-secret-123" not in line
 
 
+def test_half_set_aws_credentials_in_the_environment_are_one_line(tmp_path, toy_model_dir, capsys, no_heavy_work,
+                                                                  monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE123")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    code, err = run(capsys, *demo_args(tmp_path, toy_model_dir, write_prompts(tmp_path / "i.parquet", ["x"]),
+                                       "output.path=s3://bucket/out"))
+    line = one_line_error(code, err)
+    assert "the AWS environment" in line and "Partial credentials found in env, missing: AWS_SECRET_ACCESS_KEY" in line
+
+
 def test_a_wrong_s3_secret_is_one_line_without_the_secret(tmp_path, toy_model_dir, capsys, no_heavy_work, s3_server,
                                                          s3_bucket):
     wrong = "WRONG-secret-" + "7" * 20

@@ -65,7 +65,7 @@ def run_on_small_disk(tmp_path: Path, toy_model_dir: Path, mode: str) -> dict:
     finally:
         subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    read = lambda name: (logs / name).read_text() if (logs / name).exists() else ""  # noqa: E731
+    read = lambda name: (logs / name).read_text() if (logs / name).exists() else ""
     return {"rc": int(read("rc")), "out": read("out"), "err": read("err"), "listing": read("listing"),
             "summary": read("summary"), "committed_at_fill": read("committed_at_fill")}
 
