@@ -276,3 +276,15 @@ def test_bad_ids_found_while_planning_are_one_line(tmp_path, toy_model_dir, caps
     code, err = run(capsys, *demo_args(tmp_path, toy_model_dir, path, "input.id_column=uid"))
     assert message in one_line_error(code, err)
     assert not (tmp_path / "out" / "_plan" / "manifest.json").exists()
+
+
+def test_an_input_file_rewritten_while_the_job_runs_is_a_job_level_error(tmp_path):
+    from dgbatch.config import InputSection
+    from dgbatch.planning.source import InputError, inspect_input, read_fragment
+
+    path = write_prompts(tmp_path / "in" / "p.parquet", ["a", "b", "c", "d"])
+    section = InputSection(path=str(path))
+    [frag] = inspect_input(section, None, 1000).fragments
+    write_prompts(path, ["a", "b"])  # rewritten between inspection and planning
+    with pytest.raises(InputError, match=r"input file 'p.parquet' changed while the job ran: rows 0-3 now hold 2"):
+        read_fragment(frag, section, None)
