@@ -106,3 +106,18 @@ def test_a_job_writes_hostile_prompts_as_ordinary_rows(ray_local, tmp_path, job_
         assert rows[n]["error"] is None and rows[n]["finish_reason"] in ("eos", "length")
     # `<eos>` alone is 5 prompt tokens of text, not one control token
     assert rows[2]["num_prompt_tokens"] == rows[0]["num_prompt_tokens"] - len("reverse abc") + len("<eos>")
+
+
+def test_special_text_is_spotted_among_thousands_of_special_tokens():
+    import re
+
+    from dgbatch.planning.usertext import _trie_pattern
+
+    tokens = [f"<unused{i}>" for i in range(6000)] + ["<eos>", "<start_of_turn>", "<start>"]
+    spelled = re.compile(_trie_pattern(tokens))
+    assert spelled.search("x <unused5999> y").group() == "<unused5999>"
+    assert spelled.search("a <start_of_turn>").group() == "<start_of_turn>"
+    assert spelled.search("<start> b").group() == "<start>"
+    assert spelled.search("<unused60 <eos <start_of") is None
+    assert spelled.search("<div><p>a<b</p></div> " * 200) is None  # a prompt full of '<' (HTML, code)
+    assert _trie_pattern(tokens).startswith("<(?:")  # one branch per character, not one per token

@@ -36,19 +36,46 @@ def bad_role(chat: Sequence[dict], allowed: frozenset[str]) -> str | None:
     return None
 
 
+def _trie_pattern(strings: Sequence[str]) -> str:
+    """One regex matching any of `strings`, as a trie: a search costs O(text), however many strings (a
+    plain alternation tries every one at each '<', and checkpoints carry thousands of special tokens)."""
+    trie: dict = {}
+    for s in strings:
+        node = trie
+        for ch in s:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def emit(node: dict) -> str:
+        alts = [re.escape(ch) + emit(node[ch]) for ch in sorted(k for k in node if k)]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return emit(trie)
+
+
 class UserTextEncoder:
     """Encodes rendered prompts with the user's spans as plain text, for one tokenizer."""
 
     def __init__(self, tokenizer):
-        from tokenizers import Tokenizer
-
         self.backend = tokenizer.backend_tokenizer
         added = self.backend.get_added_tokens_decoder()
         self.special_ids = {i for i, t in added.items() if t.special}
-        strings = sorted((t.content for t in added.values() if t.special and t.content), key=len, reverse=True)
-        self._spelled = re.compile("|".join(map(re.escape, strings))) if strings else None
-        self.plain = Tokenizer.from_str(self.backend.to_str())
-        self.plain.encode_special_tokens = True  # special-token spellings are split like any other text
+        strings = [t.content for t in added.values() if t.special and t.content]
+        self._spelled = re.compile(_trie_pattern(strings)) if strings else None
+        self._plain = None
+
+    @property
+    def plain(self):
+        """The same tokenizer with special-token matching off (built on first use: a copy of a large one costs)."""
+        if self._plain is None:
+            from tokenizers import Tokenizer
+
+            self._plain = Tokenizer.from_str(self.backend.to_str())
+            self._plain.encode_special_tokens = True  # special-token spellings are split like any other text
+        return self._plain
 
     def spells_special(self, text: str) -> bool:
         """Whether `text` contains the spelling of a special token."""
