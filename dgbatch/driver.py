@@ -123,8 +123,8 @@ def check_job(cfg: JobConfig) -> CheckedJob:
     max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
     checkpoint.check_parallel(cfg, model_dir)
     identity = job_identity(cfg, model_dir, params, max_prompt)
+    record = check_fingerprint(fs, layout, cfg, identity)  # before any write: the root may not be ours
     check_writable(fs, layout, cfg.output.path)
-    record = check_fingerprint(fs, layout, cfg, identity)
     job = CheckedJob(fs, layout, inp, model_dir, params, max_prompt, tokenizer, identity, record)
     check_plan(cfg, job)
     return job
@@ -154,7 +154,8 @@ def check_disjoint(cfg: JobConfig, inp: InputPlan) -> None:
 
 
 def check_writable(fs, layout: Layout, url: str) -> None:
-    """Write and remove one hidden probe file, so a read-only output fails now, not after the plan."""
+    """Write and remove one hidden probe file in the (claimed) root, so a read-only output fails now, not
+    after the plan."""
     probe = join(layout.root, f".dgbatch-probe.{uuid.uuid4().hex}.tmp")
     if fs.isfile(layout.root):
         raise ConfigError(f"output.path {url!r} is a file; it must be a directory (or absent)")
@@ -168,6 +169,8 @@ def check_writable(fs, layout: Layout, url: str) -> None:
 def _read_job_file(fs, layout: Layout, url: str) -> dict | None:
     try:
         prev = read_json(fs, layout.job)
+    except NotADirectoryError:
+        raise ConfigError(f"output.path {url!r} is a file; it must be a directory (or absent)") from None
     except (ValueError, UnicodeDecodeError):
         prev = "unreadable"
     if prev is not None and not (isinstance(prev, dict) and isinstance(prev.get("fingerprint"), str)):
@@ -204,7 +207,7 @@ def check_fingerprint(fs, layout: Layout, cfg: JobConfig, identity: dict[str, An
             if put_exclusive(fs, layout.job, blob):
                 return record
         except OSError as e:
-            raise StorageError(f"cannot write output.path {cfg.output.path!r}: {e.strerror or e}") from None
+            raise StorageError(f"output.path {cfg.output.path!r} is not writable: {e.strerror or e}") from None
         prev = _read_job_file(fs, layout, cfg.output.path)  # another driver created it first
     if prev["fingerprint"] == fingerprint:
         return prev
