@@ -316,18 +316,20 @@ def start_local_ray(ray, num_cpus: int | None, log_to_driver: bool = True) -> No
     runtime-env agent) listens on 127.0.0.1 only.
 
     Ray binds its gRPC servers to 127.0.0.1 exactly when the node's IP is 127.0.0.1, but `ray.init`
-    turns a 127.0.0.1 `_node_ip_address` into the machine's address, except when Ray runs in its
-    single-machine mode (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, read here and by the processes it starts).
-    tests/test_local_ray.py lists the sockets of the processes Ray started to keep this true.
+    turns a 127.0.0.1 `_node_ip_address` into the machine's address unless Ray is in its single-machine
+    mode (`ray_constants.ENABLE_RAY_CLUSTER` false, as on macOS and Windows). That switch is set only
+    while this node starts, so nothing else in the process (a `ray start` it runs later) inherits it.
+    scripts/local_ray_sockets.py and tests/test_local_ray.py list the sockets of what Ray started.
     """
-    import os
-
     from ray._private import ray_constants
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import, so set it on the module too
-    ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host=LOCAL_HOST, _node_ip_address=LOCAL_HOST,
-             log_to_driver=log_to_driver)
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host=LOCAL_HOST, _node_ip_address=LOCAL_HOST,
+                 log_to_driver=log_to_driver)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def make_plan(
