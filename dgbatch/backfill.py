@@ -191,7 +191,7 @@ def run_partition(cfg: JobConfig, part: Partition, pool: object | None = None) -
         success = read_json(fs, layout.success)
         if success is not None:
             prev = (read_json(fs, layout.job) or {}).get("fingerprint")
-            if prev in (None, pcfg.fingerprint()) or pcfg.output.force:
+            if prev in (None, driver.resolved_fingerprint(pcfg)) or pcfg.output.force:
                 result.status, result.rows = "skipped", success.get("rows")
                 result.reason = f"already complete: {success.get('rows', '?')} rows"
                 return result

@@ -19,10 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dgbatch import __version__, redact
-from dgbatch.config import ConfigError, load_config
-from dgbatch.driver import EXIT_BAD_INPUT
-
-EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal, as shells report it
+from dgbatch.config import load_config
+from dgbatch.errors import EXIT_SIGINT, EXIT_SIGTERM, JobError, root_cause
 
 
 @dataclass(frozen=True)
@@ -134,9 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             from dgbatch import report
 
             return report.main(args.output, args.out)
-    except ConfigError as e:
-        print(f"dgbatch: error: {redact.scrub(str(e))}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except Exception as e:  # noqa: BLE001 - job_error re-raises what is not a JobError
+        return job_error(e)
     raise AssertionError(args.command)
 
 
@@ -157,6 +154,8 @@ def _prepare_process() -> None:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("aiobotocore", "botocore", "s3fs"):  # "Found credentials in ..." on every S3 job
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def _interrupted(e: KeyboardInterrupt, line: str) -> int:
@@ -179,6 +178,8 @@ def backfill_job(argv: list[str]) -> int:
     except KeyboardInterrupt as e:
         return _interrupted(e, "backfill interrupted: committed shards and finished partitions are kept; rerun the "
                                "same command to resume")
+    except Exception as e:  # noqa: BLE001 - job_error re-raises what is not a JobError
+        return job_error(e)
 
 
 def run_job(config: str, overrides: list[str], target: str = "dgbatch.driver:run", load: bool = True, **extra) -> int:
@@ -193,11 +194,20 @@ def run_job(config: str, overrides: list[str], target: str = "dgbatch.driver:run
         cfg = load_config(config, overrides)
         redact.install(cfg)
         return getattr(importlib.import_module(module), function)(cfg, **extra)
-    except ConfigError as e:
-        print(f"dgbatch: error: {redact.scrub(str(e))}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:
         return _interrupted(e, interrupted_line(cfg))
+    except Exception as e:  # one error path: any JobError, wherever raised (a Ray task's too), is one line
+        return job_error(e)
+
+
+def job_error(e: BaseException) -> int:
+    """A JobError (or a Ray error caused by one) as one scrubbed line and its exit code; anything else is a
+    bug and raises on."""
+    cause = root_cause(e)
+    if not isinstance(cause, JobError):
+        raise e
+    print(f"dgbatch: error: {redact.scrub(cause.line())}", file=sys.stderr)
+    return cause.exit_code
 
 
 def interrupted_line(cfg) -> str:

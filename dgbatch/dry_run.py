@@ -16,6 +16,7 @@ from collections import Counter
 
 from dgbatch import checkpoint
 from dgbatch.config import JobConfig
+from dgbatch.driver import resolved_fingerprint
 from dgbatch.planning.buckets import padded_positions
 from dgbatch.planning.planner import (
     ERROR_BUCKET,
@@ -109,7 +110,7 @@ def plan_report(cfg: JobConfig, calibrate_rows: int | None = None) -> dict:
         b["padding"] = _fraction(b["prompt_tokens"], b["padded_positions"])
         bucket_rows.append(b)
     report = {
-        "config_fingerprint": cfg.fingerprint(),
+        "config_fingerprint": resolved_fingerprint(cfg),
         "output": cfg.output.path,
         "output_state": _output_state(cfg),
         "rows": inp.num_rows * n,
@@ -161,7 +162,7 @@ def _output_state(cfg: JobConfig) -> str:
     if job is None:
         return "empty: a run starts a new job"
     done = len(list_names(fs, layout.data(), ".parquet"))
-    if job.get("fingerprint") != cfg.fingerprint():
+    if job.get("fingerprint") != resolved_fingerprint(cfg):
         return (f"holds a job with a different config ({done} shards committed): a run is refused unless "
                 "output.force=true")
     if fs.exists(layout.success):

@@ -16,10 +16,19 @@ import pyarrow.parquet as pq
 
 from dgbatch.filters import OutputFilter, duplicate_outputs
 from dgbatch.generation import Backend, Generation, Request
+from dgbatch.io import markers
 from dgbatch.io.commit import put_exclusive, write_json
 from dgbatch.io.layout import Layout
-from dgbatch.planning.planner import (ID, INTERNAL_COLUMNS, MAX_NEW, PLAN_ERROR, PROMPT_IDS, ROW_INDEX, prompt_id,
-                                      read_shard)
+from dgbatch.planning.planner import (
+    ID,
+    INTERNAL_COLUMNS,
+    MAX_NEW,
+    PLAN_ERROR,
+    PROMPT_IDS,
+    ROW_INDEX,
+    prompt_id,
+    read_shard,
+)
 from dgbatch.stats import ShardStats
 
 log = logging.getLogger(__name__)
@@ -34,7 +43,7 @@ OUTPUT_SCHEMA = [
     ("error", pa.string()),
 ]
 FILTER_SCHEMA = [("filtered", pa.bool_()), ("filter_reason", pa.string())]  # with output.filters
-_STATS_COLUMNS = ("finish_reason", "num_output_tokens", "num_prompt_tokens", "tokens_per_forward", "filter_reason",
+STATS_COLUMNS = ("finish_reason", "num_output_tokens", "num_prompt_tokens", "tokens_per_forward", "filter_reason",
                   "id", "sample_index", "output_text")
 
 
@@ -55,7 +64,7 @@ def generate_isolated(backend: Backend, requests: Sequence[Request]) -> list[Gen
 
 def stats_of(table: pa.Table) -> ShardStats:
     """A shard's stats, from its output rows (what it committed, or is about to)."""
-    cols = {c: table.column(c).to_pylist() for c in _STATS_COLUMNS if c in table.column_names}
+    cols = {c: table.column(c).to_pylist() for c in STATS_COLUMNS if c in table.column_names}
     stats = ShardStats()
     none = [None] * table.num_rows
     for reason, n_out, n_prompt, tpf, filtered in zip(cols["finish_reason"], cols["num_output_tokens"],
@@ -73,7 +82,7 @@ def stats_of_output(fs, layout: Layout, shard_id: str) -> ShardStats:
     for path in [layout.data(shard_id), *[p for p in [layout.filtered(shard_id)] if fs.exists(p)]]:
         with fs.open(path, "rb") as fh:
             f = pq.ParquetFile(fh)
-            tables.append(f.read(columns=[c for c in _STATS_COLUMNS if c in f.schema_arrow.names]))
+            tables.append(f.read(columns=[c for c in STATS_COLUMNS if c in f.schema_arrow.names]))
     return stats_of(pa.concat_tables(tables, promote_options="permissive"))
 
 
@@ -90,32 +99,59 @@ class ShardRunner:
         self.fs = fs
         self.layout = layout
         self.eos_ids = set(eos_ids)
-        self.metadata = {b"dgbatch": json.dumps(job_meta).encode()}
+        self.job_meta = job_meta
+        self.plan_id = job_meta.get("plan", "")
         self.drop_input_id = id_column == "id"
 
     def run(self, shard_id: str) -> dict:
         """Run and commit one shard; returns its stats (of the committed file, whoever wrote it)."""
         data_path = self.layout.data(shard_id)
         if self.fs.exists(data_path):  # committed by an earlier attempt
-            return self._record(shard_id, stats_of_output(self.fs, self.layout, shard_id))
+            return self._record(shard_id, *self._committed(shard_id))
         shard = read_shard(self.fs, self.layout.plan_shard(shard_id))
         table, stats = self.build_output(shard)
+        filtered = None
         if self.output_filter is not None and self.output_filter.drop:
             # The filtered rows go first: the data file is the shard's commit point. Rows derive from
-            # (seed, row id, prompt) only, so a retry that finds this file already written writes the same rows.
+            # (seed, row id, prompt) only, so a retry that finds this file already written wrote the same rows.
             dropped = table.filter(table.column("filtered"))
             table = table.filter(pc.invert(table.column("filtered")))
             if dropped.num_rows:
-                put_exclusive(self.fs, self.layout.filtered(shard_id), self._parquet(dropped))
-        if not put_exclusive(self.fs, data_path, self._parquet(table)):
-            log.info("shard %s was already committed by another writer; keeping that one", shard_id)
-            stats = stats_of_output(self.fs, self.layout, shard_id)
-        return self._record(shard_id, stats)
+                data = self._parquet(dropped, shard_id)
+                if put_exclusive(self.fs, self.layout.filtered(shard_id), data):
+                    filtered = markers.DataFile.of_bytes(data, dropped.num_rows)
+                else:
+                    filtered = markers.read_committed(self.fs.cat_file(self.layout.filtered(shard_id)))[0]
+        data = self._parquet(table, shard_id)
+        if put_exclusive(self.fs, data_path, data):
+            return self._record(shard_id, markers.DataFile.of_bytes(data, table.num_rows), stats, filtered)
+        log.info("shard %s was already committed by another writer; keeping that one", shard_id)
+        return self._record(shard_id, *self._committed(shard_id))
 
-    def _parquet(self, table: pa.Table) -> bytes:
+    def _parquet(self, table: pa.Table, shard_id: str) -> bytes:
+        """The Parquet bytes of a shard's file, its footer naming the job, the shard and the plan."""
         buf = io.BytesIO()
-        pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata}), buf)
+        meta = {markers.FOOTER_KEY: json.dumps({**self.job_meta, "shard": shard_id, "plan": self.plan_id}).encode()}
+        pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **meta}), buf)
         return buf.getvalue()
+
+    def _committed(self, shard_id: str) -> tuple[markers.DataFile, ShardStats, markers.DataFile | None]:
+        """The files another attempt committed (data, and filtered with output.drop_filtered), described
+        for the marker, with their stats; refused if they were not written for this shard of this plan."""
+        tables, files = [], []
+        for path in (self.layout.data(shard_id), self.layout.filtered(shard_id)):
+            if path != self.layout.data(shard_id) and not self.fs.exists(path):
+                files.append(None)
+                continue
+            file, table = markers.read_committed(self.fs.cat_file(path))
+            footer = markers.footer_meta(table.schema)
+            if footer.get("shard") != shard_id or footer.get("plan") != self.plan_id:
+                raise RuntimeError(f"{path.rsplit('/', 2)[-2]}/{shard_id}.parquet exists but was not written for "
+                                   "this shard of this plan")
+            tables.append(table)
+            files.append(file)
+        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+        return files[0], stats_of(table), files[1]
 
     def build_output(self, shard: pa.Table) -> tuple[pa.Table, ShardStats]:
         ids = shard.column(ID).to_pylist()
@@ -162,6 +198,8 @@ class ShardRunner:
             out = out.append_column(name, pa.array(cols[name], typ))
         return out, stats_of(out)
 
-    def _record(self, shard_id: str, stats: ShardStats) -> dict:
-        write_json(self.fs, self.layout.commit(shard_id), stats.to_dict())
+    def _record(self, shard_id: str, file: markers.DataFile, stats: ShardStats,
+                filtered: markers.DataFile | None = None) -> dict:
+        write_json(self.fs, self.layout.commit(shard_id),
+                   markers.marker(shard_id, self.plan_id, file, stats.to_dict(), filtered))
         return stats.to_dict()

@@ -173,10 +173,12 @@ def toy_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the in-process pipeline tests (2 CPUs, like the CI machine)."""
+    """One local Ray for the in-process pipeline tests (2 CPUs, like the CI machine), on 127.0.0.1 only."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from dgbatch.driver import start_local_ray
+
+    start_local_ray(ray, 2, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -11,8 +11,14 @@ import pytest
 from dgbatch import driver
 from dgbatch.config import ConfigError, load_config
 from dgbatch.toy.tasks import answer_for, sample_examples
-from tests.conftest import (break_one_shard, engine_reproduction, read_output, start_job_until_first_commit,
-                            write_jsonl, write_prompts)
+from tests.conftest import (
+    break_one_shard,
+    engine_reproduction,
+    read_output,
+    start_job_until_first_commit,
+    write_jsonl,
+    write_prompts,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["sampling.max_new_tokens=32"]  # short answers keep CPU tests quick

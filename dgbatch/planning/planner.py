@@ -21,6 +21,7 @@ import pyarrow as pa
 from dgbatch.config import JobConfig
 from dgbatch.io.commit import write_bytes
 from dgbatch.planning.buckets import auto_edges, bucket_of, padded_positions
+from dgbatch.planning.ids import checked_ids, digest_parts
 from dgbatch.planning.jsonl import READ_ERROR
 from dgbatch.planning.prompts import PromptEncoder
 from dgbatch.planning.source import PARTITION_COLUMN, Fragment, InputPlan, carried_name, read_fragment
@@ -67,8 +68,8 @@ class ShardMeta:
 def row_ids(table: pa.Table, frag: Fragment, id_column: str | None, partition: str | None = None) -> list[str]:
     """The input's id column, or `[PARTITION/]FILE:ROW` (FILE relative to the input root): stable across runs,
     and distinct across a backfill's partitions, whose files often share names (part-0.parquet)."""
-    if id_column:
-        return [str(v) for v in table.column(id_column).to_pylist()]
+    if id_column:  # checked: set, unique in this fragment (planning.ids checks across fragments)
+        return checked_ids(table.column(id_column).to_pylist(), frag.label, frag.row_start, id_column)
     prefix = f"{partition}/" if partition is not None else ""
     return [f"{prefix}{frag.label}:{frag.row_start + i}" for i in range(table.num_rows)]
 
@@ -191,6 +192,22 @@ def plan_fragment(
     cfg: JobConfig, frag: Fragment, edges: list[int], model_dir: str, max_prompt: int, root: str
 ) -> list[dict]:
     """Tokenize one fragment and write its shards. Runs as a Ray task; returns shard metadata dicts."""
+    return _plan_fragment(cfg, frag, edges, model_dir, max_prompt, root)[0]
+
+
+def plan_fragment_with_id_digests(
+    cfg: JobConfig, frag: Fragment, edges: list[int], model_dir: str, max_prompt: int, root: str, parts: int
+) -> tuple:
+    """`plan_fragment`, also returning its ids' digests in `parts` partitions (a Ray task with 1 + parts
+    returns: the driver passes each partition on to its duplicate check without fetching it)."""
+    metas, ids = _plan_fragment(cfg, frag, edges, model_dir, max_prompt, root)
+    return (metas, *digest_parts(ids, frag.index, parts))
+
+
+def _plan_fragment(
+    cfg: JobConfig, frag: Fragment, edges: list[int], model_dir: str, max_prompt: int, root: str
+) -> tuple[list[dict], list[str]]:
+    """(shard metadata, the fragment's input row ids)."""
     from dgbatch.io.fs import filesystem
     from dgbatch.io.layout import Layout
 
@@ -222,4 +239,4 @@ def plan_fragment(
         write_shard(fs, layout.plan_shard(shard_id), shard)
         padded = padded_positions(kept, report_batch_size(cfg))
         metas.append(asdict(ShardMeta(shard_id, len(take), bucket, len(take) - len(kept), sum(kept), padded)))
-    return metas
+    return metas, ids
