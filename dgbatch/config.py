@@ -40,6 +40,17 @@ class InputSection(Section):
     prompt_column: str | None = Field(None, description="Column holding the user prompt text.")
     messages_column: str | None = Field(None, description="Column holding chat messages [{role, content}].")
     id_column: str | None = Field(None, description="Column with row ids; default: a stable id from file and row.")
+    image_column: str | None = Field(
+        None, description="Column with one image per row (PNG/JPEG bytes, or a path / URL string; null: a text-only "
+        "row), shown before input.prompt_column's text in the user message."
+    )
+    max_images_per_row: int = Field(8, gt=0, description="A row with more images is that row's error.")
+    max_image_pixels: int = Field(
+        25_000_000, gt=0, description="An image larger than this (width x height, read from its header) is its row's error."
+    )
+    allow_http_images: bool = Field(
+        False, description="Fetch http(s):// image URLs (on the replica that runs the row; never in the driver)."
+    )
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputSection:
@@ -47,6 +58,9 @@ class InputSection(Section):
             raise ValueError("set only one of input.prompt_column and input.messages_column")
         if not self.prompt_column and not self.messages_column:
             self.prompt_column = "prompt"
+        if self.image_column and self.messages_column:
+            raise ValueError("input.image_column goes with input.prompt_column; with input.messages_column put "
+                             "images in the messages as {type: image, image: ...} parts")
         return self
 
 

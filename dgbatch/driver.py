@@ -23,6 +23,7 @@ from dgbatch.io.layout import Layout
 from dgbatch.planning.planner import ShardMeta, bucket_edges, plan_fragment
 from dgbatch.planning.source import InputPlan, inspect_input
 from dgbatch.stats import ShardStats
+from dgbatch.vision import image_tokens
 
 log = logging.getLogger("dgbatch")
 
@@ -113,7 +114,7 @@ def make_plan(
         return plan
     t0 = time.time()
     inp = inp or inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows)
-    edges = bucket_edges(cfg, inp, checkpoint.load_tokenizer(model_dir), max_prompt)
+    edges = bucket_edges(cfg, inp, checkpoint.load_tokenizer(model_dir), max_prompt, image_tokens(model_dir))
     args = (edges, str(model_dir), max_prompt, layout.root)
     if len(inp.fragments) == 1:  # not worth a worker process
         results = [plan_fragment(cfg, inp.fragments[0], *args)]

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from dgbatch.generation import Backend, Generation, Request
 from dgbatch.io.commit import put_exclusive, write_json
 from dgbatch.io.layout import Layout
+from dgbatch.planning.images import ImageError
 from dgbatch.planning.planner import ID, NUM_PROMPT, PLAN_ERROR, PROMPT_IDS
 from dgbatch.stats import ShardStats
 
@@ -63,8 +64,9 @@ class ShardRunner:
     replica turns it off: its ranks must run the same steps, and a retry on one rank alone would not be."""
 
     def __init__(self, backend: Backend, tokenizer, fs, layout: Layout, eos_ids: list[int], job_meta: dict,
-                 id_column: str | None, isolate_rows: bool = True):
+                 id_column: str | None, isolate_rows: bool = True, images=None):
         self.backend = backend
+        self.images = images  # `planning.images.RowImages`: reads rows' images here, on the replica
         self.isolate_rows = isolate_rows
         self.tokenizer = tokenizer
         self.fs = fs
@@ -92,8 +94,7 @@ class ShardRunner:
         ids = shard.column(ID).to_pylist()
         prompts = shard.column(PROMPT_IDS).to_pylist()
         plan_errors = shard.column(PLAN_ERROR).to_pylist()
-        todo = [i for i, e in enumerate(plan_errors) if e is None]
-        requests = [Request(ids[i], prompts[i]) for i in todo]
+        todo, requests = self.requests(shard, ids, prompts, plan_errors)
         if self.isolate_rows:
             results = generate_isolated(self.backend, requests)
         else:
@@ -101,8 +102,9 @@ class ShardRunner:
         by_row: dict[int, Generation | Exception] = dict(zip(todo, results))
         cols: dict[str, list] = {name: [] for name, _ in OUTPUT_SCHEMA}
         stats = ShardStats()
+        expanded = {i: len(r.prompt_ids) for i, r in zip(todo, requests)}
         for i in range(shard.num_rows):
-            n_prompt = len(prompts[i] or ())
+            n_prompt = expanded.get(i, len(prompts[i] or ()))
             res = by_row.get(i)
             err = plan_errors[i]
             text = tpf = None
@@ -129,6 +131,24 @@ class ShardRunner:
         for name, typ in OUTPUT_SCHEMA:
             out = out.append_column(name, pa.array(cols[name], typ))
         return out, stats
+
+    def requests(self, shard: pa.Table, ids: list, prompts: list, errors: list) -> tuple[list[int], list[Request]]:
+        """(rows to generate, their requests); a row whose images cannot be used gets its error in `errors`."""
+        refs = self.images.refs(shard) if self.images is not None else [[] for _ in ids]
+        todo, requests = [], []
+        for i, err in enumerate(errors):
+            if err is not None:
+                continue
+            if not refs[i]:
+                todo.append(i)
+                requests.append(Request(ids[i], prompts[i]))
+                continue
+            try:
+                requests.append(self.images.request(ids[i], prompts[i], refs[i]))
+                todo.append(i)
+            except ImageError as e:
+                errors[i] = f"image: {e}"
+        return todo, requests
 
     def _record(self, shard_id: str, stats: ShardStats) -> dict:
         write_json(self.fs, self.layout.commit(shard_id), stats.to_dict())

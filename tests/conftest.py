@@ -217,16 +217,25 @@ def engine_reproduction(cfg, out_root: Path) -> dict[str, str]:
     from dgbatch import checkpoint
     from dgbatch.engine import EngineBackend
     from dgbatch.generation import Request
+    from dgbatch.planning.images import ImageError, RowImages
 
     model_dir = checkpoint.local_checkpoint(cfg.model)
     tok = checkpoint.load_tokenizer(model_dir)
     params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
     pad, eos = checkpoint.special_ids(model_dir, tok)
     backend = EngineBackend(checkpoint.load_model(model_dir, cfg.model), params, cfg.engine.batch_size, pad, eos)
+    images = RowImages(cfg.input, cfg.storage, model_dir)
     texts = {}
     for shard in sorted((Path(out_root) / "_plan" / "shards").glob("*.parquet")):
-        t = pq.read_table(shard, columns=["_dgb_id", "_dgb_prompt_ids", "_dgb_plan_error"])
-        reqs = [Request(i, p) for i, p, e in zip(*(c.to_pylist() for c in t.columns)) if e is None]
+        t = pq.read_table(shard)
+        reqs = []
+        for i, p, e, refs in zip(*(t.column(c).to_pylist() for c in ("_dgb_id", "_dgb_prompt_ids", "_dgb_plan_error")),
+                                 images.refs(t)):
+            try:
+                if e is None:
+                    reqs.append(images.request(i, p, refs) if refs else Request(i, p))
+            except ImageError:
+                pass
         for g in backend.generate(reqs):
             texts[g.row_id] = tok.decode([x for x in g.token_ids if x not in eos], skip_special_tokens=True)
     return texts

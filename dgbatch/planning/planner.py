@@ -49,23 +49,26 @@ def row_ids(table: pa.Table, frag: Fragment, id_column: str | None) -> list[str]
     return [f"{frag.label}:{frag.row_start + i}" for i in range(table.num_rows)]
 
 
-def sample_lengths(cfg: JobConfig, inp: InputPlan, tokenizer, max_prompt: int, per_fragment: int = 512) -> list[int]:
+def sample_lengths(cfg: JobConfig, inp: InputPlan, tokenizer, max_prompt: int, per_fragment: int = 512,
+                   image_tokens=None) -> list[int]:
     """Prompt lengths of a deterministic sample: the head of up to 16 evenly spread fragments."""
     frags = inp.fragments
     picks = sorted({frags[(i * len(frags)) // min(16, len(frags))].index for i in range(min(16, len(frags)))})
-    encoder = PromptEncoder(tokenizer, max_prompt)
+    encoder = PromptEncoder(tokenizer, max_prompt, image_tokens)
     lengths = []
     for i in picks:
         table = read_fragment(frags[i], cfg.input, cfg.storage, head=True).slice(0, per_fragment)
         ids, _ = encoder.encode_column(table, cfg.input)
-        lengths += [len(t) for t in ids if t is not None]
+        lengths += [encoder.planned_length(t) for t in ids if t is not None]
     return lengths
 
 
-def bucket_edges(cfg: JobConfig, inp: InputPlan, tokenizer, max_prompt: int) -> list[int]:
+def bucket_edges(cfg: JobConfig, inp: InputPlan, tokenizer, max_prompt: int, image_tokens=None) -> list[int]:
+    """image_tokens: the checkpoint's (`dgbatch.vision.image_tokens`), so images count in prompt lengths."""
     if cfg.plan.bucket_edges != "auto":
         return sorted(set(cfg.plan.bucket_edges))
-    return auto_edges(sample_lengths(cfg, inp, tokenizer, max_prompt), cfg.plan.num_buckets)
+    return auto_edges(sample_lengths(cfg, inp, tokenizer, max_prompt, image_tokens=image_tokens),
+                      cfg.plan.num_buckets)
 
 
 @functools.lru_cache(maxsize=4)
@@ -74,8 +77,9 @@ def _encoder(model_dir: str, max_prompt: int) -> PromptEncoder:
     from pathlib import Path
 
     from dgbatch.checkpoint import load_tokenizer
+    from dgbatch.vision import image_tokens
 
-    return PromptEncoder(load_tokenizer(Path(model_dir)), max_prompt)
+    return PromptEncoder(load_tokenizer(Path(model_dir)), max_prompt, image_tokens(Path(model_dir)))
 
 
 def plan_fragment(
@@ -89,9 +93,11 @@ def plan_fragment(
     table = read_fragment(frag, cfg.input, cfg.storage)
     prompt_ids, errors = encoder.encode_column(table, cfg.input)
     ids = row_ids(table, frag, cfg.input.id_column)
+    # Prompt lengths with each image at its most tokens (the ids hold one placeholder per image).
+    planned = [encoder.planned_length(t) if t is not None else 0 for t in prompt_ids]
     groups: dict[int, list[int]] = {}
     for i, (t, err) in enumerate(zip(prompt_ids, errors)):
-        groups.setdefault(ERROR_BUCKET if err else bucket_of(len(t), edges), []).append(i)
+        groups.setdefault(ERROR_BUCKET if err else bucket_of(planned[i], edges), []).append(i)
     fs, _ = filesystem(cfg.output.path, cfg.storage)
     layout = Layout(root)
     fs.makedirs(layout.plan_shard("x").rsplit("/", 1)[0], exist_ok=True)
@@ -100,14 +106,14 @@ def plan_fragment(
         rows = groups[bucket]
         for chunk, s in enumerate(range(0, len(rows), cfg.plan.shard_rows)):
             # Shortest first inside a shard: consecutive rows make batches with the least padding.
-            idx = sorted(rows[s : s + cfg.plan.shard_rows], key=lambda i: len(prompt_ids[i] or ()))
+            idx = sorted(rows[s : s + cfg.plan.shard_rows], key=lambda i: planned[i])
             name = "err" if bucket == ERROR_BUCKET else f"b{bucket:02d}"
             shard_id = f"f{frag.index:06d}-{name}-{chunk:04d}"
-            lengths = [len(prompt_ids[i]) for i in idx if prompt_ids[i] is not None]
+            lengths = [planned[i] for i in idx if prompt_ids[i] is not None]
             shard = table.take(pa.array(idx, pa.int64()))
             shard = shard.append_column(ID, pa.array([ids[i] for i in idx], pa.string()))
             shard = shard.append_column(PROMPT_IDS, pa.array([prompt_ids[i] for i in idx], pa.list_(pa.int32())))
-            shard = shard.append_column(NUM_PROMPT, pa.array([len(prompt_ids[i] or ()) for i in idx], pa.int32()))
+            shard = shard.append_column(NUM_PROMPT, pa.array([planned[i] for i in idx], pa.int32()))
             shard = shard.append_column(PLAN_ERROR, pa.array([errors[i] for i in idx], pa.string()))
             buf = io.BytesIO()
             pq.write_table(shard, buf)

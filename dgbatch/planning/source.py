@@ -94,6 +94,15 @@ def check_schema(schema: pa.Schema, section: InputSection, where: str) -> None:
             raise InputError(
                 f"{where}: column {col!r} has type {typ}, expected list<struct<role: string, content: string>>"
             )
+    if section.image_column:
+        if section.image_column not in names:
+            raise InputError(f"{where}: image column {section.image_column!r} (input.image_column) not found; "
+                             f"columns are {names}")
+        t = schema.field(section.image_column).type
+        if not any(f(t) for f in (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_string,
+                                  pa.types.is_large_string, pa.types.is_binary_view, pa.types.is_string_view)):
+            raise InputError(f"{where}: image column {section.image_column!r} has type {t}, expected binary "
+                             "(PNG/JPEG bytes) or string (a path or URL)")
     if section.id_column and section.id_column not in names:
         raise InputError(f"{where}: id column {section.id_column!r} (input.id_column) not found; columns are {names}")
     clash = [c for c in names if c in OUTPUT_COLUMNS and c != section.id_column]
@@ -173,6 +182,8 @@ def read_fragment(frag: Fragment, section: InputSection, storage: StorageSection
         return ds.with_format("arrow")[frag.row_start : stop]
     fs, _ = _fs(section, storage)
     columns = [section.prompt_column or section.messages_column] if head else None
+    if head and section.image_column:
+        columns.append(section.image_column)
     with fs.open(frag.source, "rb") as fh:
         return pq.ParquetFile(fh).read_row_groups(list(frag.row_groups[:1] if head else frag.row_groups),
                                                    columns=columns)

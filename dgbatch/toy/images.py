@@ -35,6 +35,32 @@ def random_number_image(rng: random.Random):
     return n, draw_number(n, rng)
 
 
+def read_table(rows: int, seed: int, folder: Path | None = None, text_rows: int = 0):
+    """`read` prompts as an input table: columns prompt ("read", or a text-family prompt), image (PNG bytes,
+    or with `folder` the path of a PNG written there; null for the `text_rows` text-family rows), task, expected."""
+    import pyarrow as pa
+
+    from dgbatch.toy.tasks import READ_PROMPT, sample_examples
+
+    rng = random.Random(seed)
+    cols: dict[str, list] = {"prompt": [], "image": [], "task": [], "expected": []}
+    for i in range(rows):
+        number, img = random_number_image(rng)
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            img.save(folder / f"{i:05d}.png")
+            ref = str((folder / f"{i:05d}.png").resolve())
+        else:
+            ref = png_bytes(img)
+        for k, v in zip(cols, (READ_PROMPT, ref, "read", str(number))):
+            cols[k].append(v)
+    for ex in sample_examples(text_rows, seed):
+        for k, v in zip(cols, (ex.prompt, None, ex.task, ex.answer)):
+            cols[k].append(v)
+    return pa.table({"prompt": cols["prompt"], "image": pa.array(cols["image"], pa.string() if folder else pa.binary()),
+                     "task": cols["task"], "expected": cols["expected"]})
+
+
 def png_bytes(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
