@@ -63,7 +63,10 @@ def test_the_checkpoint_config_matches_its_tokenizer(toy_model_dir):
     t = image_tokens(toy_model_dir)
     assert t.image_id == tok.image_token_id < len(tok)
     assert (t.boi_id, t.eoi_id) == tuple(tok.convert_tokens_to_ids([tok.boi_token, tok.eoi_token]))
-    assert tok.decode([5, 6, 7]) == tok.decode([5, 6, 7])  # text ids did not move: see test_toy_checkpoint
+    from dgbatch.toy.tokenizer import CHARS, SPECIAL_TOKENS
+
+    # the image tokens were appended: every text id is what it was in the text-only toy
+    assert tok.convert_ids_to_tokens(list(range(len(SPECIAL_TOKENS + CHARS)))) == SPECIAL_TOKENS + CHARS
 
 
 def test_planning_counts_each_image_at_its_most_and_never_opens_it(toy_model_dir):

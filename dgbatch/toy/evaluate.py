@@ -39,7 +39,7 @@ def _inputs(tok, processor, examples) -> dict:
     enc = tok.apply_chat_template(chats, add_generation_prompt=True, tokenize=False)
     from dgbatch.vision import mm_token_type_ids
 
-    images = processor.process([ex.image for ex in examples])
+    images = processor.process([ex.image for ex in examples if ex.image is not None])
     rows, k = [], 0
     for text, ex in zip(enc, examples):
         ids = tok(text, add_special_tokens=False)["input_ids"]
