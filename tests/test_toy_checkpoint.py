@@ -39,9 +39,3 @@ def test_accuracy_bar_on_a_fixed_sample(toy_model_dir):
     assert all(acc >= 0.80 for acc in r["per_task"].values()), r
     assert r["mean_tokens_per_forward"] >= 2.0, r
 
-
-def test_reads_the_number_an_image_shows(toy_model_dir):
-    """`read`: an image of an integer 0-999 and the word "read" -> the integer, through transformers' generate
-    with the checkpoint's image processor (a fixed sample; BENCHMARKS.md grades fresh ones)."""
-    r = evaluate(str(toy_model_dir), n=0, seed=4321, read=100)
-    assert r["per_task"]["read"] >= 0.90, r

@@ -91,14 +91,17 @@ def read_bytes(ref: ImageRef, section: InputSection, storage: StorageSection | N
         raise
     except FileNotFoundError:
         raise ImageError(f"image {describe(ref)} not found") from None
-    except (ImportError, ValueError) as e:
-        raise ImageError(f"image {describe(ref)} cannot be read: {e}") from None
+    except (ImportError, OSError, ValueError) as e:
+        raise ImageError(f"image {describe(ref)} cannot be read: {type(e).__name__}: {e}") from None
+    # What fails one object (missing, refused, unreadable: OSErrors) is that row's error; what fails every
+    # object (no credentials, an endpoint that does not answer: botocore's own errors) fails the shard,
+    # which is retried and, once the job's storage settings are fixed, rerun.
     try:
         with opener as fh:
             return fh.read()
     except FileNotFoundError:
         raise ImageError(f"image {describe(ref)} not found") from None
-    except Exception as e:  # noqa: BLE001 - whatever the storage raises, it is this row's image that failed
+    except (OSError, ValueError) as e:
         raise ImageError(f"image {describe(ref)} cannot be read: {type(e).__name__}: {e}") from None
 
 

@@ -18,7 +18,8 @@ the prompt's image tokens, and they attend to each other both ways (the encoder 
 builds from `mm_token_type_ids`): the vision tower and the text model train together.
 
 `--grow-from` starts from a text-only toy: its weights are copied, the embedding (tied with the LM
-head) gains rows for the image tokens appended to the vocabulary, and the vision tower starts fresh.
+head) gains zero rows for the image tokens appended to the vocabulary (so text prompts generate as
+before), and the vision tower starts fresh.
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ def grow(old: Path, tok):
                 value.copy_(old_sd[name])
             elif value.dim() == 2 and value.shape[1] == old_sd[name].shape[1]:  # embedding rows, new tokens appended
                 value[: old_sd[name].shape[0]] = old_sd[name]
+                value[old_sd[name].shape[0] :] = 0  # logit 0 and no self-conditioning weight: text rows as before
             else:
                 raise ValueError(f"cannot grow {name}: {tuple(old_sd[name].shape)} -> {tuple(value.shape)}")
         table = model.model.encoder.vision_tower.patch_embedder.position_embedding_table
@@ -261,7 +263,7 @@ def main() -> None:
             return args.lr * (step + 1) / warmup
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress(step))))
 
-    step = args.start_step
+    step = args.start_step - 1  # the last step done (none yet)
     for step in range(args.start_step, args.steps):
         if args.time_budget and time.time() - start > args.time_budget:
             step -= 1
@@ -279,7 +281,10 @@ def main() -> None:
         loss = F.cross_entropy(logits.reshape(-1, vocab), clean.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        # Per group: the fresh vision tower's gradients run 30-100x the text model's, and one global clip
+        # would shrink what the text model learns from `read` rows by as much.
+        for g in opt.param_groups:
+            torch.nn.utils.clip_grad_norm_(g["params"], 1.0)
         opt.step()
         ema = loss.detach() if ema is None else 0.98 * ema + 0.02 * loss.detach()  # no host sync per step
         if step % 100 == 0 or step == args.steps - 1:
