@@ -28,7 +28,7 @@ def _rows(out: pa.Table) -> dict[str, dict]:
 def _assert_reads(out: pa.Table, n: int) -> None:
     rows = [r for r in out.to_pylist() if r["task"] == "read"]
     assert len(rows) == n and all(r["error"] is None for r in rows), [r["error"] for r in rows if r["error"]]
-    assert all(r["finish_reason"] in ("eos", "length") and r["num_output_tokens"] > 0 for r in rows)
+    assert all(r["finish_reason"] in ("eos", "length") for r in rows)
     # "read" with one 64x32 image: 20 text tokens of the chat turn + boi + 55 soft tokens + eoi
     assert {r["num_prompt_tokens"] for r in rows} == {77}
 
