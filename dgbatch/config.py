@@ -145,6 +145,17 @@ class InputSection(Section):
         False, description="Tokenize special-token text in prompts ('<eos>', turn markers) as the special tokens "
         "themselves. Off: user text is always plain text and cannot open or close a turn."
     )
+    image_column: Name | None = Field(
+        None, description="Column with one image per row (PNG/JPEG bytes, or a path / URL string; null: a text-only "
+        "row), shown before input.prompt_column's text in the user message."
+    )
+    max_images_per_row: PositiveInt = Field(8, description="A row with more images is that row's error.")
+    max_image_pixels: PositiveInt = Field(
+        25_000_000, description="An image larger than this (width x height, read from its header) is its row's error."
+    )
+    allow_http_images: Flag = Field(
+        False, description="Fetch http(s):// image URLs (on the replica that runs the row; never in the driver)."
+    )
     on_change: Literal["refuse", "replan"] = Field(
         "refuse", description="When the input's files changed since the job was planned: 'refuse' (exit 2, naming "
         "the files) or 'replan' (discard the old plan and its outputs, plan and run again)."
@@ -159,6 +170,10 @@ class InputSection(Section):
                              f"replaces the others, or unset one with e.g. input.{sources[0]}=null)")
         if not sources:
             self.prompt_column = "prompt"
+        if self.image_column and self.messages_column:
+            raise rule_error("image_column_with_text", "input.image_column goes with input.prompt_column or "
+                             "input.template; with input.messages_column put images in the messages as "
+                             "{type: image, image: ...} parts")
         return self
 
     @field_validator("template")

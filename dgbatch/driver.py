@@ -29,6 +29,7 @@ from dgbatch.planning import ids
 from dgbatch.planning.planner import SHARD_FORMAT, ShardMeta, bucket_edges, plan_fragment, plan_fragment_with_id_digests
 from dgbatch.planning.source import InputError, InputPlan, input_changes, inspect_input, read_fragment
 from dgbatch.stats import ShardStats
+from dgbatch.vision import image_tokens
 
 log = logging.getLogger("dgbatch")
 
@@ -367,7 +368,8 @@ def make_plan(
         log.info("reusing plan: %d shards, %d rows", len(plan.shards), plan.num_rows)
         return plan
     t0 = time.time()
-    edges = bucket_edges(cfg, inp, tokenizer or checkpoint.load_tokenizer(model_dir), max_prompt)
+    edges = bucket_edges(cfg, inp, tokenizer or checkpoint.load_tokenizer(model_dir), max_prompt,
+                         image_tokens(model_dir))
     try:
         shards = _plan_fragments(ray, cfg, inp, (edges, str(model_dir), max_prompt, layout.root))
     except Exception as e:

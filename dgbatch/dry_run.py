@@ -29,6 +29,7 @@ from dgbatch.planning.planner import (
 from dgbatch.planning.prompts import PromptEncoder
 from dgbatch.planning.source import inspect_input
 from dgbatch.status import reason_kind
+from dgbatch.vision import image_tokens
 
 POOL = 256  # rows kept (a seeded uniform sample of the input) to draw the calibration sample from
 EXAMPLES = 3  # example rows per kind of row error
@@ -50,7 +51,8 @@ def plan_report(cfg: JobConfig, calibrate_rows: int | None = None) -> dict:
     tokenizer = checkpoint.load_tokenizer(model_dir)
     t0 = time.time()
     edges = bucket_edges(cfg, inp, tokenizer, max_prompt)
-    encoder = PromptEncoder(tokenizer, max_prompt, cfg.input.system_prompt)
+    encoder = PromptEncoder(tokenizer, max_prompt, system_prompt=cfg.input.system_prompt,
+                            image_tokens=image_tokens(model_dir))
     batch = report_batch_size(cfg)
     rng = random.Random(0)
     col = cfg.input.prompt_column or cfg.input.messages_column  # None: input.template renders the prompt

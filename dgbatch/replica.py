@@ -89,14 +89,17 @@ def _load(cfg: JobConfig, mesh=None):
 
 
 def _shard_runner(cfg: JobConfig, root: str, job_meta: dict, backend, tokenizer, eos_ids, isolate_rows: bool = True):
+    from dgbatch import checkpoint
     from dgbatch.filters import OutputFilter
     from dgbatch.io.fs import filesystem
     from dgbatch.io.layout import Layout
+    from dgbatch.planning.images import RowImages
     from dgbatch.shard import ShardRunner
 
     fs, _ = filesystem(cfg.output.path, cfg.storage)
+    images = RowImages(cfg.input, cfg.storage, checkpoint.local_checkpoint(cfg.model, cfg.storage))
     return ShardRunner(backend, tokenizer, fs, Layout(root), eos_ids, job_meta, cfg.input.id_column, isolate_rows,
-                       OutputFilter.of(cfg.output))
+                       OutputFilter.of(cfg.output), images)
 
 
 class Replica:

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,6 +20,7 @@ from dgbatch.generation import Backend, Generation, Request
 from dgbatch.io import markers
 from dgbatch.io.commit import put_exclusive, write_json
 from dgbatch.io.layout import Layout
+from dgbatch.planning.images import ImageError
 from dgbatch.planning.planner import (
     ID,
     INTERNAL_COLUMNS,
@@ -91,9 +93,11 @@ class ShardRunner:
     replica turns it off: its ranks must run the same steps, and a retry on one rank alone would not be."""
 
     def __init__(self, backend: Backend, tokenizer, fs, layout: Layout, eos_ids: list[int], job_meta: dict,
-                 id_column: str | None, isolate_rows: bool = True, output_filter: OutputFilter | None = None):
+                 id_column: str | None, isolate_rows: bool = True, output_filter: OutputFilter | None = None,
+                 images=None):
         self.backend = backend
         self.output_filter = output_filter
+        self.images = images  # `planning.images.RowImages`: reads rows' images here, on the replica
         self.isolate_rows = isolate_rows
         self.tokenizer = tokenizer
         self.fs = fs
@@ -158,16 +162,16 @@ class ShardRunner:
         prompts = shard.column(PROMPT_IDS).to_pylist()
         plan_errors = shard.column(PLAN_ERROR).to_pylist()
         budgets = shard.column(MAX_NEW).to_pylist() if MAX_NEW in shard.column_names else [None] * shard.num_rows
-        todo = [i for i, e in enumerate(plan_errors) if e is None]
-        requests = [Request(ids[i], prompts[i], budgets[i]) for i in todo]
+        todo, requests = self.requests(shard, ids, prompts, plan_errors, budgets)
         if self.isolate_rows:
             results = generate_isolated(self.backend, requests)
         else:
             results = list(self.backend.generate(requests)) if requests else []
         by_row: dict[int, Generation | Exception] = dict(zip(todo, results))
         cols: dict[str, list] = {name: [] for name, _ in OUTPUT_SCHEMA + FILTER_SCHEMA}
+        expanded = {i: len(r.prompt_ids) for i, r in zip(todo, requests)}  # images expanded to their tokens
         for i in range(shard.num_rows):
-            n_prompt = len(prompts[i] or ())
+            n_prompt = expanded.get(i, len(prompts[i] or ()))
             res = by_row.get(i)
             err = plan_errors[i]
             text = tpf = filtered = None
@@ -197,6 +201,26 @@ class ShardRunner:
         for name, typ in OUTPUT_SCHEMA + (FILTER_SCHEMA if self.output_filter is not None else []):
             out = out.append_column(name, pa.array(cols[name], typ))
         return out, stats_of(out)
+
+    def requests(self, shard: pa.Table, ids: list, prompts: list, errors: list,
+                 budgets: list) -> tuple[list[int], list[Request]]:
+        """(rows to generate, their requests, with each row's own output budget); a row whose images cannot
+        be used gets its error in `errors`."""
+        refs = self.images.refs(shard) if self.images is not None else [[] for _ in ids]
+        todo, requests = [], []
+        for i, err in enumerate(errors):
+            if err is not None:
+                continue
+            if not refs[i]:
+                todo.append(i)
+                requests.append(Request(ids[i], prompts[i], budgets[i]))
+                continue
+            try:
+                requests.append(replace(self.images.request(ids[i], prompts[i], refs[i]), max_new_tokens=budgets[i]))
+                todo.append(i)
+            except ImageError as e:
+                errors[i] = f"image: {e}"
+        return todo, requests
 
     def _record(self, shard_id: str, file: markers.DataFile, stats: ShardStats,
                 filtered: markers.DataFile | None = None) -> dict:

@@ -74,23 +74,26 @@ def row_ids(table: pa.Table, frag: Fragment, id_column: str | None, partition: s
     return [f"{prefix}{frag.label}:{frag.row_start + i}" for i in range(table.num_rows)]
 
 
-def sample_lengths(cfg: JobConfig, inp: InputPlan, tokenizer, max_prompt: int, per_fragment: int = 512) -> list[int]:
+def sample_lengths(cfg: JobConfig, inp: InputPlan, tokenizer, max_prompt: int, per_fragment: int = 512,
+                   image_tokens=None) -> list[int]:
     """Prompt lengths of a deterministic sample: the head of up to 16 evenly spread fragments."""
     frags = inp.fragments
     picks = sorted({frags[(i * len(frags)) // min(16, len(frags))].index for i in range(min(16, len(frags)))})
-    encoder = PromptEncoder(tokenizer, max_prompt, cfg.input.system_prompt)
+    encoder = PromptEncoder(tokenizer, max_prompt, system_prompt=cfg.input.system_prompt, image_tokens=image_tokens)
     lengths = []
     for i in picks:
         table = read_fragment(frags[i], cfg.input, cfg.storage, head=True).slice(0, per_fragment)
         ids, _ = encoder.encode_column(table, cfg.input)
-        lengths += [len(t) for t in ids if t is not None]
+        lengths += [encoder.planned_length(t) for t in ids if t is not None]
     return lengths
 
 
-def bucket_edges(cfg: JobConfig, inp: InputPlan, tokenizer, max_prompt: int) -> list[int]:
+def bucket_edges(cfg: JobConfig, inp: InputPlan, tokenizer, max_prompt: int, image_tokens=None) -> list[int]:
+    """image_tokens: the checkpoint's (`dgbatch.vision.image_tokens`), so images count in prompt lengths."""
     if cfg.plan.bucket_edges != "auto":
         return sorted(set(cfg.plan.bucket_edges))
-    return auto_edges(sample_lengths(cfg, inp, tokenizer, max_prompt), cfg.plan.num_buckets)
+    return auto_edges(sample_lengths(cfg, inp, tokenizer, max_prompt, image_tokens=image_tokens),
+                      cfg.plan.num_buckets)
 
 
 @functools.lru_cache(maxsize=4)
@@ -99,8 +102,10 @@ def _encoder(model_dir: str, max_prompt: int, system_prompt: str | None) -> Prom
     from pathlib import Path
 
     from dgbatch.checkpoint import load_tokenizer
+    from dgbatch.vision import image_tokens
 
-    return PromptEncoder(load_tokenizer(Path(model_dir)), max_prompt, system_prompt)
+    return PromptEncoder(load_tokenizer(Path(model_dir)), max_prompt, system_prompt=system_prompt,
+                         image_tokens=image_tokens(Path(model_dir)))
 
 
 def row_budgets(table: pa.Table, column: str | None) -> tuple[list[int | None], list[str | None]]:
@@ -166,10 +171,7 @@ class FragmentRows:
     prompt_ids: list[list[int] | None]  # None: the row is an error
     errors: list[str | None]
     budgets: list[int | None]  # input.max_new_tokens_column (None: the job's)
-
-    @property
-    def lengths(self) -> list[int | None]:
-        return [None if e else len(t) for t, e in zip(self.prompt_ids, self.errors)]
+    lengths: list[int | None]  # planned prompt lengths (each image at its most tokens); None: an error row
 
 
 def tokenize_fragment(cfg: JobConfig, frag: Fragment, encoder: PromptEncoder) -> FragmentRows:
@@ -185,7 +187,8 @@ def tokenize_fragment(cfg: JobConfig, frag: Fragment, encoder: PromptEncoder) ->
     errors = [r or b or e for r, b, e in zip(read_errors, budget_errors, errors)]
     prompt_ids = [None if e else t for t, e in zip(prompt_ids, errors)]
     ids = row_ids(table, frag, cfg.input.id_column, cfg.input.partition)
-    return FragmentRows(table, ids, prompt_ids, errors, budgets)
+    lengths = [None if e else encoder.planned_length(t) for t, e in zip(prompt_ids, errors)]
+    return FragmentRows(table, ids, prompt_ids, errors, budgets, lengths)
 
 
 def plan_fragment(
@@ -231,7 +234,7 @@ def _plan_fragment(
         shard = shard.append_column(ID, pa.array([sample_id(ids[i], k, n) for i in idx for k in range(n)],
                                                  pa.string()))
         shard = shard.append_column(PROMPT_IDS, pa.array([prompt_ids[i] for i in take], pa.list_(pa.int32())))
-        shard = shard.append_column(NUM_PROMPT, pa.array([len(prompt_ids[i] or ()) for i in take], pa.int32()))
+        shard = shard.append_column(NUM_PROMPT, pa.array([lengths[i] or 0 for i in take], pa.int32()))
         shard = shard.append_column(PLAN_ERROR, pa.array([errors[i] for i in take], pa.string()))
         shard = shard.append_column(ROW_INDEX, pa.array([frag.row_start + i for i in take], pa.int64()))
         if cfg.input.max_new_tokens_column:

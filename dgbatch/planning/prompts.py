@@ -13,6 +13,11 @@ is rendered by the template itself), and tokenization is one batched call into t
 User text stays text: a row whose text spells a special token ('<eos>', a turn marker) has its user
 spans encoded with special-token matching off (`usertext.py`), unless input.allow_special_tokens;
 a role the chat template does not know is a row error.
+
+Images (`input.image_column`, or image parts in messages) are not read here: each becomes one image
+placeholder token in the rendered prompt, which the replica expands to the image's soft tokens once
+it has read the image (`dgbatch.planning.images`, `dgbatch.vision`). For bucketing a prompt counts
+each image at the most tokens the checkpoint's processor gives one (`planned_length`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from dgbatch.config import InputSection
-from dgbatch.planning.chats import row_chats
+from dgbatch.planning.chats import num_images, row_chats, text_of
+from dgbatch.planning.images import check_refs, row_refs
 from dgbatch.planning.usertext import Span, UserTextEncoder, bad_role, template_roles, user_spans
 
 _PLACEHOLDER = "\x00dgbatch-prompt\x00"
@@ -28,16 +34,24 @@ _PROBES = ("a", "  spaced text\n with lines  ", "{{ not jinja }} <b>", "x" * 300
 
 
 class PromptEncoder:
-    """Chat-templates and tokenizes prompt columns for one tokenizer (and one system prompt: the turns
-    every chat starts with, which the fast path renders once)."""
+    """Chat-templates and tokenizes prompt columns for one tokenizer, one system prompt (the turns every
+    chat starts with, which the fast path renders once) and the checkpoint's image tokens
+    (`dgbatch.vision.ImageTokens`; None for a text-only checkpoint)."""
 
-    def __init__(self, tokenizer, max_prompt_tokens: int, system_prompt: str | None = None):
+    def __init__(self, tokenizer, max_prompt_tokens: int, *, system_prompt: str | None = None, image_tokens=None):
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
+        self.image_tokens = image_tokens
         self._head = [{"role": "system", "content": system_prompt}] if system_prompt else []
         self._splice = self._find_splice()
         self.user_text = UserTextEncoder(tokenizer)
         self.roles = template_roles(getattr(tokenizer, "chat_template", None))
+
+    def planned_length(self, ids: list[int]) -> int:
+        """Prompt tokens once its images are expanded, each image counted at its most (an upper bound)."""
+        if self.image_tokens is None:
+            return len(ids)
+        return len(ids) + ids.count(self.image_tokens.image_id) * (self.image_tokens.max_tokens_per_image - 1)
 
     def _render(self, chat: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
@@ -58,7 +72,8 @@ class PromptEncoder:
     def _spliced(self, chat: list[dict]) -> bool:
         """The fast path applies: the system head, then one user turn."""
         head = self._head
-        return bool(self._splice) and len(chat) == len(head) + 1 and chat[-1]["role"] == "user" and chat[:-1] == head
+        return (bool(self._splice) and len(chat) == len(head) + 1 and chat[-1]["role"] == "user"
+                and isinstance(chat[-1]["content"], str) and chat[:-1] == head)
 
     def render(self, chat: list[dict]) -> str:
         if self._spliced(chat):
@@ -85,7 +100,7 @@ class PromptEncoder:
 
     def _guarded(self, chat: list[dict], rendered: str, section: InputSection) -> tuple[list[Span] | None, str | None]:
         """(user spans to encode as plain text, or None: the row needs no care; error or None)."""
-        if section.allow_special_tokens or not any(self.user_text.spells_special(m["content"]) for m in chat):
+        if section.allow_special_tokens or not any(self.user_text.spells_special(text_of(m["content"])) for m in chat):
             return None, None
         spans = self.spans(chat, rendered)
         if spans is None:
@@ -99,8 +114,14 @@ class PromptEncoder:
         texts: list[str] = []
         rows: list[int] = []
         guarded: dict[int, tuple[str, list[Span]]] = {}  # rows whose user text spells special tokens
+        refs = row_refs(table, section)
+        images = [0] * table.num_rows
         for i, (chat, err) in enumerate(row_chats(table, section)):
             err = err or bad_role(chat, self.roles)
+            if err is None:
+                images[i] = num_images(chat)
+                if images[i]:
+                    err = self._check_images(refs[i], section)
             if err is None:
                 try:
                     rendered = self.render(chat)
@@ -122,11 +143,23 @@ class PromptEncoder:
             encoded[i] = self.user_text.encode(rendered, spans)
             if encoded[i] is None:
                 errors[i] = "the prompt's text still encodes to special tokens; set input.allow_special_tokens"
+        image_id = self.image_tokens.image_id if self.image_tokens is not None else None
         for i in sorted(encoded):
             if encoded[i] is None:
                 continue
-            if len(encoded[i]) > self.max_prompt_tokens:
-                errors[i] = f"prompt has {len(encoded[i])} tokens; the model accepts at most {self.max_prompt_tokens}"
+            n = self.planned_length(encoded[i])
+            placeholders = encoded[i].count(image_id) if image_id is not None else 0
+            if placeholders != images[i]:
+                errors[i] = (f"prompt holds {placeholders} image tokens for {images[i]} images: its text contains "
+                             f"the image placeholder {self.tokenizer.convert_ids_to_tokens(image_id)!r}")
+            elif n > self.max_prompt_tokens:
+                how = " (images counted at their most)" if images[i] else ""
+                errors[i] = f"prompt has {n} tokens{how}; the model accepts at most {self.max_prompt_tokens}"
             else:
                 ids[i] = encoded[i]
         return ids, errors
+
+    def _check_images(self, refs: list, section: InputSection) -> str | None:
+        if self.image_tokens is None:
+            return "the row has images, but the checkpoint has no image processor (processor_config.json)"
+        return check_refs(refs, section)

@@ -186,9 +186,10 @@ def _is_messages(typ: pa.DataType) -> bool:
 
 
 def prompt_columns(section: InputSection) -> list[str]:
-    """The input columns a row's prompt is built from."""
+    """The input columns a row's prompt is built from (its image's too)."""
     key, value = section.prompt_source
-    return sorted(template.columns(value)) if key == "input.template" else [value]
+    cols = sorted(template.columns(value)) if key == "input.template" else [value]
+    return cols + ([section.image_column] if section.image_column else [])
 
 
 def check_schema(schema: pa.Schema, section: InputSection, where: str, extra: Mapping[str, str] = {}) -> None:
@@ -213,6 +214,15 @@ def check_schema(schema: pa.Schema, section: InputSection, where: str, extra: Ma
             f"{where}: column {col!r} has type {schema.field(col).type}, expected list<struct<role: string, "
             "content: string>> (content may also be a list of parts struct<type: string, text: string>)"
         )
+    if section.image_column:
+        if section.image_column not in names:
+            raise InputError(f"{where}: image column {section.image_column!r} (input.image_column) not found; "
+                             f"columns are {names}")
+        t = schema.field(section.image_column).type
+        if not any(f(t) for f in (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_string,
+                                  pa.types.is_large_string, pa.types.is_binary_view, pa.types.is_string_view)):
+            raise InputError(f"{where}: image column {section.image_column!r} has type {t}, expected binary "
+                             "(PNG/JPEG bytes) or string (a path or URL)")
     named = {section.id_column: "input.id_column", section.reference_column: "input.reference_column",
              section.max_new_tokens_column: "input.max_new_tokens_column", **extra}
     for column, key in named.items():
