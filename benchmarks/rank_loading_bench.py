@@ -153,7 +153,7 @@ def measure(ckpt: Path, method: str, tp: int, rank: int) -> dict:
             "peak_rss_gib": round(peak_load / GIB, 3), "peak_anon_gib": round(anon.peak / GIB, 3),
             "resident_gib": round(AnonPeak.status("VmRSS") / GIB, 3),
             "baseline_rss_gib": round(base["rss"] / GIB, 3), "baseline_anon_gib": round(base["anon"] / GIB, 3),
-            "params_kept_gib": round(kept / GIB, 3)}
+            "params_kept_gib": round(kept / GIB, 3), "params_kept_bytes": kept}
 
 
 def weights_per_rank(tps: list[int], tiny: bool) -> dict:

@@ -196,7 +196,7 @@ def run_job(config: str, overrides: list[str], target: str = "dgbatch.driver:run
         return getattr(importlib.import_module(module), function)(cfg, **extra)
     except KeyboardInterrupt as e:
         return _interrupted(e, interrupted_line(cfg))
-    except Exception as e:  # one error path: any JobError, wherever raised (a Ray task's too), is one line
+    except Exception as e:  # noqa: BLE001 - one error path: any JobError, wherever raised (a Ray task's too), is one line
         return job_error(e)
 
 

@@ -27,18 +27,18 @@ class ReferenceBackend:
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.eos_ids = set(eos_ids)
-        self.generate_kwargs = dict(
-            max_new_tokens=params.max_new_tokens,
-            max_denoising_steps=params.max_denoising_steps,
-            sampler_config=EntropyBoundSamplerConfig(entropy_bound=float(params.entropy_bound)),
-            t_min=float(params.t_min),
-            t_max=float(params.t_max),
-            stability_threshold=params.stability_threshold,
-            confidence_threshold=float(params.confidence_threshold),
-            pad_token_id=pad_id,
-            eos_token_id=list(eos_ids),
-            return_dict_in_generate=True,
-        )
+        self.generate_kwargs = {
+            "max_new_tokens": params.max_new_tokens,
+            "max_denoising_steps": params.max_denoising_steps,
+            "sampler_config": EntropyBoundSamplerConfig(entropy_bound=float(params.entropy_bound)),
+            "t_min": float(params.t_min),
+            "t_max": float(params.t_max),
+            "stability_threshold": params.stability_threshold,
+            "confidence_threshold": float(params.confidence_threshold),
+            "pad_token_id": pad_id,
+            "eos_token_id": list(eos_ids),
+            "return_dict_in_generate": True,
+        }
 
     @property
     def device(self) -> torch.device:

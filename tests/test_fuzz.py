@@ -114,6 +114,7 @@ class Spec:
     job_error: bool = False  # the oracle: must the job be refused as a whole?
     rows: int = 0  # rows of the readable files
     ids: list[str] = field(default_factory=list)
+    carried: str | None = None  # a column every row carries into the output
 
 
 @st.composite
@@ -123,11 +124,12 @@ def inputs(draw, allow_bad: bool = True) -> Spec:
     ptype = "messages" if messages else draw(st.sampled_from(["string"] * 8 + ["large_string", "binary"] +
                                                             (["int64"] if allow_bad else [])))
     idtype = draw(st.sampled_from([None] * 4 + ["string"] * 3 + ["int64"] * 2 + (["double"] if allow_bad else [])))
-    carried = draw(st.sampled_from([None] * 5 + ["note"] * 4 + (["output_text"] if allow_bad else [])))
+    # "output_text": this input is an earlier job's output; its column is carried as prev_output_text
+    carried = spec.carried = draw(st.sampled_from([None] * 5 + ["note"] * 3 + ["output_text"]))
     kinds = ["ok"] * 24 + (["empty", "garbage", "truncated", "zero_rows", "drift", "corrupt_pages"] if allow_bad else [])
     n_files = draw(st.integers(1 if not allow_bad else 0, 3))
     pool = iter(range(10**6))
-    if ptype == "int64" or idtype == "double" or carried == "output_text" or n_files == 0:
+    if ptype == "int64" or idtype == "double" or n_files == 0:
         spec.job_error = True
     seen_ids: set[str] = set()
     schemas: set[bool] = set()  # drifted or not, over the Parquet files
@@ -291,6 +293,9 @@ def test_whole_jobs_write_rows_out_equal_rows_in(ray_local, scratch, toy_model_d
 
         out = ds.dataset(d / "out" / "data", format="parquet").to_table()
         assert out.num_rows == spec.rows and sorted(out.column("id").to_pylist()) == sorted(spec.ids)
+        if spec.carried:
+            name = "prev_output_text" if spec.carried == "output_text" else spec.carried
+            assert all(str(v).startswith("c") for v in out.column(name).to_pylist())
         answers = 0
         for r in out.to_pylist():
             if r["finish_reason"] == "error":

@@ -221,7 +221,7 @@ def test_interrupted_driver_resumes_only_remaining_shards(tmp_path, toy_model_di
     assert 2 <= len(done_before) < total, "the interruption came too late to test resume"
     assert not (out / "_SUCCESS").exists()
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resuming: {len(done_before)} of {total} shards already committed" in rerun.stdout
     summary = json.loads((out / "_summary.json").read_text())

@@ -46,7 +46,7 @@ def planned(tmp_path, toy_model_dir):
     tok = checkpoint.load_tokenizer(model_dir)
     pad, eos = checkpoint.special_ids(model_dir, tok)
     backend = ReferenceBackend(checkpoint.load_model(model_dir, cfg.model), params, 8, pad, eos)
-    return dict(cfg=cfg, fs=fs, layout=Layout(root), shard=meta["shard_id"], tok=tok, eos=eos, backend=backend)
+    return {"cfg": cfg, "fs": fs, "layout": Layout(root), "shard": meta["shard_id"], "tok": tok, "eos": eos, "backend": backend}
 
 
 def runner(p, backend) -> ShardRunner:

@@ -66,7 +66,7 @@ class PromptEncoder:
             if all(self._render(user(p)) == prefix + p + suffix for p in _PROBES):
                 return prefix, suffix
         except Exception:  # noqa: BLE001 - any template trouble: render row by row instead
-            pass
+            return None
         return None
 
     def _spliced(self, chat: list[dict]) -> bool:

@@ -98,16 +98,16 @@ def varied_stop_params(**overrides):
     and EOS (id 1) is drawn often enough that rows end after different numbers of canvases."""
     from dgbatch.generation import SamplingParams
 
-    base = dict(
-        max_new_tokens=64,
-        max_denoising_steps=6,
-        entropy_bound=0.5,
-        t_min=0.3,
-        t_max=0.6,
-        stability_threshold=0,
-        confidence_threshold=4.03,
-        seed=11,
-    )
+    base = {
+        "max_new_tokens": 64,
+        "max_denoising_steps": 6,
+        "entropy_bound": 0.5,
+        "t_min": 0.3,
+        "t_max": 0.6,
+        "stability_threshold": 0,
+        "confidence_threshold": 4.03,
+        "seed": 11,
+    }
     return SamplingParams(**{**base, **overrides})
 
 

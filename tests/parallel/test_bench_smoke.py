@@ -36,7 +36,7 @@ def test_rank_loading_bench_runs_on_a_tiny_shape(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert {r["method"] for r in result["runs"]} == {"load-then-shard", "per-rank"}
-    kept = {r["method"]: r["params_kept_gib"] for r in result["runs"]}
+    kept = {r["method"]: r["params_kept_bytes"] for r in result["runs"]}
     assert kept["per-rank"] == kept["load-then-shard"] > 0
     full = result["full_shape_weights_per_rank_bytes"]
     assert full["per_rank"]["2"] < full["whole"]
