@@ -236,6 +236,10 @@ class OutputSection(Section):
     drop_filtered: Flag = Field(
         False, description="Write rows that fail output.filters under PATH/filtered/ instead of PATH/data/."
     )
+    shared_filesystem: Flag = Field(
+        False, description="A local output.path is on storage every node of a multi-node cluster mounts (NFS, "
+        "Lustre, ...). Off, a local output on a multi-node cluster is refused: each node would write its own disk."
+    )
 
     @model_validator(mode="after")
     def _drop_needs_filters(self) -> OutputSection:
@@ -352,6 +356,14 @@ class StorageSection(Section):
         None, description="S3 endpoint (prefer AWS_ENDPOINT_URL)."
     )
     region: Name | None = Field(None, description="S3 region.")
+    retries: NonNegativeInt = Field(
+        6, description="Tries again, per storage call, after a timeout, throttling (SlowDown, 503), another 5xx or "
+        "a connection reset: exponential backoff with full jitter (0.25 s doubling, at most 15 s a wait). 0: none."
+    )
+    retry_max_s: Seconds = Field(
+        60.0, description="A storage call stops retrying this long after its first failure; then the job stops "
+        "early (exit 2, one line), keeps what it committed, and a rerun resumes."
+    )
 
     @field_validator("key", "secret", mode="before")
     @classmethod

@@ -22,8 +22,9 @@ from typing import Any
 from dgbatch import __version__, checkpoint, commits, redact
 from dgbatch.config import ConfigError, JobConfig, fingerprint_of
 from dgbatch.errors import EXIT_BAD_INPUT, EXIT_FAILED_SHARDS, EXIT_OK, JobError, root_cause
+from dgbatch.io import retry
 from dgbatch.io.commit import put_exclusive, read_json, write_bytes, write_json
-from dgbatch.io.fs import StorageError, check_access, filesystem, join, overlap
+from dgbatch.io.fs import StorageError, StorageUnavailable, check_access, filesystem, join, overlap
 from dgbatch.io.layout import READER_CONFIG, Layout, unowned_entries
 from dgbatch.planning import ids
 from dgbatch.planning.planner import SHARD_FORMAT, ShardMeta, bucket_edges, plan_fragment, plan_fragment_with_id_digests
@@ -464,13 +465,19 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}) -> int:
     # 3. Replicas pull shards from one queue; a dead replica's shard goes back on it.
     clear_failures(fs, layout)  # last run's failures are retried now; this run records its own
     failed: dict[str, str] = {}
+    retries: Counter[str] = Counter()  # this run's: shard attempts requeued, storage retries by kind
     if todo:
         meta = job_meta(cfg, job.params, plan, job.fingerprint)
-        failed = schedule(ray, cfg, layout, meta, todo, progress, base_rows)
+        try:
+            failed = schedule(ray, cfg, layout, meta, todo, progress, base_rows, retries)
+        except StorageUnavailable as e:  # nothing more can be committed: stop now, keep what is
+            raise StorageUnavailable(
+                f"{e.line()}. The job stopped early: {progress.done_rows:,} of {plan.num_rows:,} rows are committed "
+                f"and kept; rerun the same command once the storage answers") from None
     record_failures(fs, layout, failed)
 
     # 4. Summary over all committed shards, this run's and earlier ones'.
-    return finish(fs, layout, plan, failed, t_start, len(todo), cfg=cfg, done_before=committed)
+    return finish(fs, layout, plan, failed, t_start, len(todo), cfg=cfg, done_before=committed, retries=retries)
 
 
 def already_complete(job: CheckedJob) -> bool:
@@ -528,7 +535,10 @@ class _Call:
 
 
 def schedule(ray, cfg: JobConfig, layout: Layout, meta: dict, todo: list[ShardMeta], progress: Progress,
-             base_rows: int) -> dict[str, str]:
+             base_rows: int, retries: Counter | None = None) -> dict[str, str]:
+    """Run `todo` on replicas; returns the failed shards (id -> reason). `retries` gathers the shard
+    attempts requeued ("shard_attempts") and the replicas' storage retries by kind. A shard whose storage
+    kept failing (StorageUnavailable) stops the job: raised, replicas killed."""
     from dgbatch.placement import make_replicas
     from dgbatch.replica import GroupStillInStep
 
@@ -543,6 +553,7 @@ def schedule(ray, cfg: JobConfig, layout: Layout, meta: dict, todo: list[ShardMe
     queue = deque(s.shard_id for s in todo)
     rows_of = {s.shard_id: s.rows for s in todo}
     attempts: Counter[str] = Counter()
+    retries = Counter() if retries is None else retries
     failed: dict[str, str] = {}
     inflight: dict = {}  # ref -> _Call
     idle: list[int] = []
@@ -609,6 +620,8 @@ def schedule(ray, cfg: JobConfig, layout: Layout, meta: dict, todo: list[ShardMe
                 try:
                     value = ray.get(ref)
                 except (*actor_errors, ray.exceptions.RayTaskError) as e:
+                    if isinstance(root_cause(e), StorageUnavailable):
+                        raise root_cause(e) from None
                     if not replicas[a].restartable:
                         cause = getattr(e, "cause", None)
                         if call.kind == "shard" and isinstance(cause, GroupStillInStep) and ref is call.refs[0]:
@@ -644,6 +657,7 @@ def schedule(ray, cfg: JobConfig, layout: Layout, meta: dict, todo: list[ShardMe
                         _retry_or_fail(sid, call.error, attempts, failed, queue, r.max_shard_attempts)
                     else:
                         progress.add(call.result)
+                        retries.update(call.result.get("storage_retries") or {})
             if queue and not (idle or inflight or probe_at):  # every replica is gone
                 for sid in queue:
                     failed[sid] = f"no replica left to run it; last replica error: {last_actor_error}"
@@ -655,6 +669,7 @@ def schedule(ray, cfg: JobConfig, layout: Layout, meta: dict, todo: list[ShardMe
     finally:
         for replica in replicas:
             replica.kill()
+        retries["shard_attempts"] += sum(attempts.values())
     if failed:
         lost = sum(rows_of[s] for s in failed)
         log.error("%d shard(s) (%d rows) failed: %s", len(failed), lost, ", ".join(sorted(failed)))
@@ -682,9 +697,10 @@ def _iso(t: float) -> str:
 
 
 def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: float, ran: int, *,
-           cfg: JobConfig | None = None, done_before: Collection[str] = ()) -> int:
+           cfg: JobConfig | None = None, done_before: Collection[str] = (), retries: Mapping[str, int] = {}) -> int:
     """Summarise every committed shard (checked, not trusted); `_SUCCESS` only when all of them check out.
-    `done_before`: the shards committed before this run, left out of this run's throughput.
+    `done_before`: the shards committed before this run, left out of this run's throughput. `retries`:
+    this run's (see `schedule`); the driver's own storage retries are added here.
 
     A storage that refuses the summary or `_SUCCESS` is reported on one line (the summary still printed),
     and the job is not complete: exit 1, and a rerun finishes it.
@@ -704,6 +720,9 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
             failed[s.shard_id] = f"not committed: {why}"
     t_end = time.time()
     wall = max(t_end - t_start, 1e-9)
+    tried = Counter(retries)
+    tried.update(retry.drain())  # the driver's own (planning, checks, this summary's reads)
+    storage = {k: tried.get(k, 0) for k in (*retry.KINDS, "own_object", "gave_up")}
     summary = {
         "rows": total.rows,
         "rows_total": plan.num_rows,
@@ -718,6 +737,8 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
         "duplicate_outputs": total.duplicate_outputs,  # exact duplicates among a prompt's samples
         "failed_shards": [{"shard": s, "reason": r} for s, r in sorted(failed.items())],
         "rejected_files": commits.rejections(fs, layout),
+        "retries": {"shard_attempts": tried.get("shard_attempts", 0),  # this run: attempts lost and run again
+                    "storage": {**storage, "total": sum(tried.get(k, 0) for k in retry.KINDS)}},
         "shards": len(plan.shards),
         "shards_run_now": ran,
         "wall_time_s": round(t_end - t_start, 3),

@@ -88,6 +88,13 @@ def _load(cfg: JobConfig, mesh=None):
     return model, tokenizer, params, pad_id, eos_ids
 
 
+def with_retries(stats: dict) -> dict:
+    """A shard's stats for the driver, with this process's storage retries since its last result."""
+    from dgbatch.io import retry
+
+    return {**stats, "storage_retries": retry.drain()}
+
+
 def _shard_runner(cfg: JobConfig, root: str, job_meta: dict, backend, tokenizer, eos_ids, isolate_rows: bool = True):
     from dgbatch import checkpoint
     from dgbatch.filters import OutputFilter
@@ -117,7 +124,7 @@ class Replica:
         return True
 
     def run_shard(self, shard_id: str) -> dict:
-        return self.runner.run(shard_id)
+        return with_retries(self.runner.run(shard_id))
 
 
 # ---- tensor / expert parallel replicas ------------------------------------------------------------
@@ -207,6 +214,8 @@ class ReplicaRank:
 
     def _lead(self, shard_id: str) -> dict:
         self.leader.released = self.leader.generating = False
+        from dgbatch.io.fs import StorageUnavailable
+
         try:
             stats = self.runner.run(shard_id)
         except Exception as e:
@@ -214,10 +223,12 @@ class ReplicaRank:
                 raise
             if not self.leader.released:
                 self.mesh.broadcast_object(None)
+            if isinstance(e, StorageUnavailable):  # the job stops: the driver must see it as it is
+                raise
             raise GroupStillInStep(f"{type(e).__name__}: {e}") from e
         if not self.leader.released:  # committed by an earlier attempt, or nothing to generate
             self.mesh.broadcast_object(None)
-        return stats
+        return with_retries(stats)
 
     def _follow(self) -> None:
         requests = self.mesh.broadcast_object(None)  # None: the leader has nothing to generate

@@ -347,10 +347,8 @@ def render_html(numbers: dict, figures: dict[str, bytes]) -> str:
 
 def write_report(output: str, out: str | None = None, storage: StorageSection | None = None) -> str:
     """Write report.html, report.json and the PNGs to `out` (default OUTPUT/_report); returns the HTML's URL."""
-    from fsspec.implementations.local import LocalFileSystem
-
     from dgbatch.io.commit import write_bytes
-    from dgbatch.io.fs import filesystem, join
+    from dgbatch.io.fs import filesystem, is_local, join
 
     files = JobFiles(output, storage)
     files.check()
@@ -368,7 +366,7 @@ def write_report(output: str, out: str | None = None, storage: StorageSection | 
     write_bytes(fs, join(where, "report.json"), (json.dumps(numbers, indent=2, default=str) + "\n").encode())
     write_bytes(fs, join(where, "report.html"), html.encode())
     path = join(where, "report.html")
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def main(target: str, out: str | None = None) -> int:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
+
+from dgbatch.io.fs import is_local
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def put_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool
     On S3, if botocore retries our PUT after losing its response, the retry can meet our own object
     and return False; callers that must tell the cases apart can put an attempt id in `data`.
     """
-    if isinstance(fs, LocalFileSystem):
+    if is_local(fs):
         return _put_exclusive_local(Path(path), data)
     if _is_s3(fs):
         return _put_exclusive_s3(fs, path, data)
@@ -131,7 +132,7 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
 
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write `data` at `path`, replacing any old file atomically: readers see old or new, whole."""
-    if not isinstance(fs, LocalFileSystem):
+    if not is_local(fs):
         fs.pipe_file(path, data)  # one PUT on S3: atomic
         return
     final = Path(path)

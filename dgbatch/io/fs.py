@@ -5,12 +5,16 @@ from `StorageSection` when set; otherwise botocore reads the standard AWS enviro
 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL[_S3], AWS_DEFAULT_REGION, AWS_PROFILE) and
 ~/.aws files. botocore ignores AWS_REGION, so it is passed on explicitly.
 
+Every filesystem comes back wrapped in `io.retry.RetryingFileSystem`: transient storage errors are
+retried there, and nowhere else (storage.retries, storage.retry_max_s).
+
 Secrets never reach a message, repr or log line: errors name the scheme, bucket path and endpoint only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import threading
@@ -22,6 +26,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from dgbatch.config import ConfigError, StorageSection
 from dgbatch.errors import JobError
+from dgbatch.io.retry import RetryingFileSystem, RetryPolicy
 
 LOCAL_SCHEMES = ("", "file", "local")
 S3_SCHEMES = ("s3", "s3a")
@@ -47,6 +52,21 @@ class StorageError(JobError, OSError):
 
 class StorageDenied(StorageError, PermissionError):
     """The store answered and refused: wrong or missing credentials, or no permission on the path."""
+
+
+class StorageUnavailable(StorageError):
+    """Storage kept failing (timeouts, throttling, 5xx, resets) after storage.retries tries: the job stops
+    early, keeps what it committed, and a rerun resumes."""
+
+
+# Tests only: "module:function" applied to each raw filesystem before it is wrapped for retries, so a
+# fault-injecting wrapper (tests/faults.py) sits below the retry layer in every process of a job.
+TEST_WRAPPER_ENV = "DGBATCH_TEST_FS_WRAPPER"
+
+
+def is_local(fs) -> bool:
+    """True for the local filesystem (wrapped or not)."""
+    return bool(getattr(fs, "local_file", False))
 
 
 def _unsupported(s: str) -> ConfigError:
@@ -79,7 +99,18 @@ def storage_options(url: str, storage: StorageSection | None = None) -> dict[str
 
 
 def filesystem(url: str, storage: StorageSection | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path without protocol) for `url`. Local paths come back absolute.
+    """(filesystem, path without protocol) for `url`, its calls retried (`io/retry.py`). Local paths come
+    back absolute."""
+    fs, path = raw_filesystem(url, storage)
+    wrap = os.environ.get(TEST_WRAPPER_ENV)
+    if wrap:
+        module, function = wrap.split(":")
+        fs = getattr(importlib.import_module(module), function)(fs)
+    return RetryingFileSystem(fs, RetryPolicy.of(storage)), path  # type: ignore[return-value]
+
+
+def raw_filesystem(url: str, storage: StorageSection | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) for `url` without retries: for checks that must answer in seconds.
 
     S3 filesystems are cached per process, settings and AWS environment: building one costs a client.
     """
@@ -117,8 +148,9 @@ def check_access(url: str, storage: StorageSection | None = None, what: str = ""
 
     A missing path is fine (an output root is created later). Refused credentials raise StorageDenied, an
     unreachable endpoint StorageError; both name the URL, endpoint and credential source, never a secret.
+    Not retried beyond botocore's own tries: the job has not started, and the user is waiting.
     """
-    fs, path = filesystem(url, storage)
+    fs, path = raw_filesystem(url, storage)
     try:
         try:
             fs.info(path)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from dgbatch.io.fs import join
+from dgbatch.io.fs import is_local, join
 
 _OUR_TEMP = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # io.commit's in-flight temp files
 
@@ -82,9 +82,7 @@ class Layout:
 
     def url(self, fs) -> str:
         """The root as a URL a user can paste: an absolute local path, or scheme://bucket/prefix."""
-        from fsspec.implementations.local import LocalFileSystem
-
-        return self.root if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(self.root)
+        return self.root if is_local(fs) else fs.unstrip_protocol(self.root)
 
     def report(self, name: str = "") -> str:
         return join(self.root, "_report", name) if name else join(self.root, "_report")
