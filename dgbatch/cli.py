@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from dgbatch import __version__, redact
 from dgbatch.config import load_config
-from dgbatch.errors import EXIT_SIGINT, EXIT_SIGTERM, JobError, root_cause
+from dgbatch.errors import EXIT_SIGINT, EXIT_SIGTERM, JobError, note_stop_signal, root_cause, stop_signal
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,7 @@ def _run_parsed(name: str, args: argparse.Namespace) -> int:
 
 
 def _interrupt(signum, frame):
+    note_stop_signal(signum)
     raise KeyboardInterrupt(signum)
 
 
@@ -162,7 +163,7 @@ def _interrupted(e: KeyboardInterrupt, line: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not turn this into a traceback
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     print(redact.scrub(line), file=sys.stderr, flush=True)
-    return EXIT_SIGTERM if e.args == (signal.SIGTERM,) else EXIT_SIGINT
+    return EXIT_SIGTERM if (stop_signal() or (e.args or [None])[0]) == signal.SIGTERM else EXIT_SIGINT
 
 
 def backfill_job(argv: list[str]) -> int:
@@ -173,6 +174,7 @@ def backfill_job(argv: list[str]) -> int:
     backfill.add_arguments(ap)
     args = ap.parse_intermixed_args(backfill.join_date_options(argv))
     _prepare_process()
+    had_ray = _ray_connected()
     try:
         return backfill.main(args)
     except KeyboardInterrupt as e:
@@ -180,6 +182,9 @@ def backfill_job(argv: list[str]) -> int:
                                "same command to resume")
     except Exception as e:  # noqa: BLE001 - job_error re-raises what is not a JobError
         return job_error(e)
+    finally:
+        if not had_ray:
+            _shutdown_ray()
 
 
 def run_job(config: str, overrides: list[str], target: str = "dgbatch.driver:run", load: bool = True, **extra) -> int:
@@ -188,6 +193,7 @@ def run_job(config: str, overrides: list[str], target: str = "dgbatch.driver:run
     _prepare_process()
     cfg = None
     module, function = target.split(":")
+    had_ray = _ray_connected()
     try:
         if not load:
             return getattr(importlib.import_module(module), function)(config, overrides, **extra)
@@ -198,6 +204,24 @@ def run_job(config: str, overrides: list[str], target: str = "dgbatch.driver:run
         return _interrupted(e, interrupted_line(cfg))
     except Exception as e:  # noqa: BLE001 - one error path: any JobError, wherever raised (a Ray task's too), is one line
         return job_error(e)
+    finally:
+        if not had_ray:
+            _shutdown_ray()
+
+
+def _ray_connected() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _shutdown_ray() -> None:
+    """Stop the Ray this job started (a local one: its GCS, raylet and workers) or disconnect from a
+    cluster's, so no process the job started outlives it."""
+    if _ray_connected():
+        try:
+            sys.modules["ray"].shutdown()
+        except Exception as e:  # noqa: BLE001 - the exit code is already decided; say it, do not mask it
+            logging.getLogger("dgbatch").warning("could not shut down Ray cleanly: %s", e)
 
 
 def job_error(e: BaseException) -> int:

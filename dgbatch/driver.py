@@ -8,9 +8,12 @@ output root, checked rather than trusted (`dgbatch/commits.py`), so a rerun runs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections import Counter, deque
@@ -21,7 +24,15 @@ from typing import Any
 
 from dgbatch import __version__, checkpoint, commits, redact
 from dgbatch.config import ConfigError, JobConfig, fingerprint_of
-from dgbatch.errors import EXIT_BAD_INPUT, EXIT_FAILED_SHARDS, EXIT_OK, JobError, root_cause
+from dgbatch.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED_SHARDS,
+    EXIT_OK,
+    JobError,
+    note_stop_signal,
+    root_cause,
+    stop_signal,
+)
 from dgbatch.io import retry
 from dgbatch.io.commit import put_exclusive, read_json, write_bytes, write_json
 from dgbatch.io.fs import StorageError, StorageUnavailable, check_access, filesystem, join, overlap
@@ -313,13 +324,31 @@ def init_ray(cfg: JobConfig):
 
     if ray.is_initialized():
         return ray
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=True)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)  # under `ray job submit`, or a cluster the user pointed at
-    else:
-        start_local_ray(ray, cfg.ray.num_cpus)
+    with _keeping_stop_handlers():
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address, log_to_driver=True)
+        elif os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)  # under `ray job submit`, or a cluster the user pointed at
+        else:
+            start_local_ray(ray, cfg.ray.num_cpus)
     return ray
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _keeping_stop_handlers():
+    """Keep this process's SIGINT / SIGTERM handlers (the CLI's clean stop) across `ray.init`, which replaces
+    SIGTERM's twice: with `sys.exit` in Python, then with its C++ failure handler, which aborts (exit 134)."""
+    main = threading.current_thread() is threading.main_thread()
+    kept = {s: signal.getsignal(s) for s in STOP_SIGNALS} if main else {}
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 LOCAL_HOST = "127.0.0.1"
@@ -474,6 +503,13 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}) -> int:
             raise StorageUnavailable(
                 f"{e.line()}. The job stopped early: {progress.done_rows:,} of {plan.num_rows:,} rows are committed "
                 f"and kept; rerun the same command once the storage answers") from None
+        except KeyboardInterrupt as e:  # SIGINT / SIGTERM: replicas are stopped; say so in the summary
+            _note_stop_signals_only()
+            signum = stop_signal() or (e.args[0] if e.args and e.args[0] in STOP_SIGNALS else signal.SIGINT)
+            name = signal.Signals(signum).name
+            finish(fs, layout, plan, {}, t_start, len(todo), cfg=cfg, done_before=committed, retries=retries,
+                   interrupted=name)
+            raise
     record_failures(fs, layout, failed)
 
     # 4. Summary over all committed shards, this run's and earlier ones'.
@@ -676,6 +712,13 @@ def schedule(ray, cfg: JobConfig, layout: Layout, meta: dict, todo: list[ShardMe
     return failed
 
 
+def _note_stop_signals_only() -> None:
+    """A second Ctrl-C while a stopped job writes its summary must not cut it short (it is only noted)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda signum, frame: note_stop_signal(signum))
+
+
 def _brief(err: Exception) -> str:
     """An error in one scrubbed line for logs and failure records: its type and its message's last line."""
     return redact.scrub(f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}")
@@ -697,10 +740,12 @@ def _iso(t: float) -> str:
 
 
 def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: float, ran: int, *,
-           cfg: JobConfig | None = None, done_before: Collection[str] = (), retries: Mapping[str, int] = {}) -> int:
+           cfg: JobConfig | None = None, done_before: Collection[str] = (), retries: Mapping[str, int] = {},
+           interrupted: str | None = None) -> int:
     """Summarise every committed shard (checked, not trusted); `_SUCCESS` only when all of them check out.
     `done_before`: the shards committed before this run, left out of this run's throughput. `retries`:
-    this run's (see `schedule`); the driver's own storage retries are added here.
+    this run's (see `schedule`); the driver's own storage retries are added here. `interrupted`: the
+    signal that stopped the run (the summary says so; no `_SUCCESS`, and the CLI has the last word).
 
     A storage that refuses the summary or `_SUCCESS` is reported on one line (the summary still printed),
     and the job is not complete: exit 1, and a rerun finishes it.
@@ -715,7 +760,7 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
     checked = commits.verify(fs, layout, plan.fingerprint, plan.shard_rows(), visit=add)
     failed = dict(failed)
     for s in plan.shards:
-        if s.shard_id not in checked.shards and s.shard_id not in failed:
+        if s.shard_id not in checked.shards and s.shard_id not in failed and not interrupted:
             why = checked.rejected.get(f"{s.shard_id}.parquet", "its data file is missing")
             failed[s.shard_id] = f"not committed: {why}"
     t_end = time.time()
@@ -740,7 +785,9 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
         "retries": {"shard_attempts": tried.get("shard_attempts", 0),  # this run: attempts lost and run again
                     "storage": {**storage, "total": sum(tried.get(k, 0) for k in retry.KINDS)}},
         "shards": len(plan.shards),
+        "shards_committed": len(checked.shards),
         "shards_run_now": ran,
+        "interrupted": interrupted,  # "SIGTERM" / "SIGINT": stopped; committed shards kept, a rerun resumes
         "wall_time_s": round(t_end - t_start, 3),
         "started_at": _iso(t_start),
         "ended_at": _iso(t_end),
@@ -754,6 +801,8 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
     }
     unwritten = _write_end_file(fs, layout.summary, summary)
     print("summary: " + redact.scrub(_fmt(summary)) + f"; output in {redact.scrub(layout.url(fs))}/data/")
+    if interrupted:
+        return EXIT_FAILED_SHARDS
     if failed:
         print(f"job incomplete: {len(failed)} shard(s) failed: {', '.join(sorted(failed))}; rerun to retry them",
               file=sys.stderr)
@@ -784,4 +833,10 @@ def _fmt(s: dict) -> str:
     duplicates = f", {s['duplicate_outputs']} duplicate samples" if s["duplicate_outputs"] else ""
     return (f"{s['rows']:,} rows, {s['output_tokens']:,} output tokens, tokens/forward mean {f(tpf['mean'])} "
             f"p50 {f(tpf['p50'])} p90 {f(tpf['p90'])}, {s['failed_rows']} failed rows{filtered}{duplicates}, "
-            f"{len(s['failed_shards'])} failed shards, {s['wall_time_s']:.1f}s")
+            f"{len(s['failed_shards'])} failed shards{_fmt_retries(s['retries'])}, {s['wall_time_s']:.1f}s")
+
+
+def _fmt_retries(r: dict) -> str:
+    parts = [f"{r['storage']['total']} storage retries"] if r["storage"]["total"] else []
+    parts += [f"{r['shard_attempts']} shard attempts run again"] if r["shard_attempts"] else []
+    return "".join(f", {p}" for p in parts)

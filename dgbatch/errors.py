@@ -15,6 +15,20 @@ EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # stopped by Ctrl-C / SIGTERM: 128 + the signal, as shells report it
 
 
+_stop_signals: list[int] = []  # the stop signals this process received, in order
+
+
+def note_stop_signal(signum: int) -> None:
+    """Record a SIGINT / SIGTERM (the CLI's handler does, before it raises KeyboardInterrupt)."""
+    _stop_signals.append(signum)
+
+
+def stop_signal() -> int | None:
+    """The first stop signal this process received, or None. What decides a stopped job's exit code: Ray
+    also raises KeyboardInterrupt in the main thread (without a signal) when its raylet goes away."""
+    return _stop_signals[0] if _stop_signals else None
+
+
 class JobError(Exception):
     """A job-level problem the user must fix: exit 2 with `line()`."""
 
