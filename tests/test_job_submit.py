@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,9 @@ def ray_head():
                     return job
                 time.sleep(2)
 
+        # `ray job stop ID`, `ray list actors ...`: the address goes after the two command words
+        submit.cli = lambda *args, timeout=300: run(ray_bin, *args[:2], "--address", address, *args[2:],
+                                                    timeout=timeout)
         yield submit
     finally:
         subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
@@ -92,3 +96,35 @@ def test_ray_job_submit_runs_the_toy_eval_and_a_rescore_with_a_user_scorer(ray_h
     partial = json.loads((out / "_metrics.json").read_text())
     assert partial["eval"]["scorer"] == "examples.toy_scorers:word_overlap"
     assert metrics["accuracy"] <= partial["accuracy"] < 1.0  # partial credit: at least exact match's
+
+
+@pytest.mark.slow
+def test_ray_job_stop_ends_the_job_cleanly_and_a_resubmit_resumes(ray_head, tmp_path):
+    out, data = tmp_path / "out", tmp_path / "out" / "data"
+    args = ["python", "-m", "jobs.generate", "configs/demo.yaml", f"output.path={out}", "plan.shard_rows=4",
+            "sampling.max_new_tokens=16"]
+    sid = f"stop-{uuid.uuid4().hex[:8]}"
+    job = ray_head.cli("job", "submit", "--no-wait", "--submission-id", sid, "--working-dir", ".", "--", *args)
+    assert job.returncode == 0, job.stdout + job.stderr
+    deadline = time.time() + 300
+    while time.time() < deadline and not (data.exists() and len(list(data.glob("*.parquet"))) >= 2):
+        time.sleep(0.2)
+    stop = ray_head.cli("job", "stop", sid)  # SIGTERM to the entrypoint's processes; SIGKILL after 3 s
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    status = ray_head.cli("job", "status", sid)
+    assert "was stopped" in status.stdout + status.stderr
+    logs = ray_head.cli("job", "logs", sid).stdout
+    committed = len(list(data.glob("*.parquet")))
+    total = len(json.loads((out / "_plan" / "manifest.json").read_text())["shards"])
+    assert f"interrupted: {committed} of {total} shards committed; rerun the same command to resume" in logs, logs[-3000:]
+    assert "SIGTERM received" not in logs and "Traceback" not in logs, logs[-3000:]
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["interrupted"] == "SIGTERM" and summary["shards_committed"] == committed < total
+    actors = ray_head.cli("list", "actors", "--filter", "state=ALIVE", "--format", "json")
+    assert "replica-" not in actors.stdout, "the stopped job's replicas are still alive"
+
+    job = ray_head(*args)
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+    assert f"resuming: {committed} of {total} shards already committed" in job.stdout
+    rows = read_output(out).to_pylist()
+    assert len(rows) == 96 and len({r["id"] for r in rows}) == 96
