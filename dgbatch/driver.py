@@ -351,6 +351,18 @@ def _keeping_stop_handlers():
                 signal.signal(sig, handler)
 
 
+def check_shared_output(ray, cfg: JobConfig) -> None:
+    """Every node's replicas write under output.path: on a multi-node cluster a local path must be storage all
+    of them mount (output.shared_filesystem), or each node would keep its own part of the output."""
+    if "://" in cfg.output.path and not cfg.output.path.startswith("file://") or cfg.output.shared_filesystem:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        raise ConfigError(f"output.path {cfg.output.path!r} is a local path, but the Ray cluster has {len(nodes)} "
+                          f"nodes: each node's replicas would write to their own disk. Use an s3:// output.path, or "
+                          f"set output.shared_filesystem=true if every node mounts this path")
+
+
 LOCAL_HOST = "127.0.0.1"
 
 
@@ -482,6 +494,7 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}) -> int:
 
     # 2. Plan (or reuse the plan of an interrupted run), then see what is already committed (checked).
     ray = init_ray(cfg)
+    check_shared_output(ray, cfg)
     plan = make_plan(ray, cfg, fs, layout, job.model_dir, job.max_prompt, job.inp, job.identity, job.tokenizer)
     committed = commits.verify(fs, layout, plan.fingerprint, plan.shard_rows()).shards
     todo = [s for s in plan.shards if s.shard_id not in committed]

@@ -1,7 +1,8 @@
 """How replicas are placed on the Ray cluster, as the driver sees them.
 
-- `SingleReplica`: one actor (tp_size = ep_size = 1). Ray restarts it when it dies
-  (max_restarts=-1); the driver probes it until it answers again.
+- `SingleReplica`: one actor (tp_size = ep_size = 1), spread over the cluster's nodes (a node lost takes
+  as few replicas with it as can be). Ray restarts it when it dies (max_restarts=-1), on any node with
+  room; the driver probes it until it answers again.
 - `ReplicaGroup`: tp_size x ep_size rank actors gang-scheduled in one placement group (one bundle
   per rank: replicas.num_cpus CPUs, replicas.num_gpus GPUs, the accelerator type). Ranks are never
   restarted one by one: a process group cannot take a new member, so any failure tears the whole
@@ -28,7 +29,7 @@ class SingleReplica:
         self.name = f"replica-{index}-{run_id}"
         self.actor = ray.remote(Replica).options(
             name=self.name, num_cpus=r.num_cpus, num_gpus=r.num_gpus, accelerator_type=r.accelerator_type,
-            max_restarts=-1, max_task_retries=0, namespace=NAMESPACE,
+            max_restarts=-1, max_task_retries=0, namespace=NAMESPACE, scheduling_strategy="SPREAD",
         ).remote(cfg, root, meta)  # fmt: skip
 
     def start(self) -> list:

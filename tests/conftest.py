@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -332,3 +334,76 @@ def copy_output(src: Path, dest: Path) -> Path:
     """A private copy of a job output (commit times kept) that a test may change."""
     shutil.copytree(src, dest, copy_function=shutil.copy2)
     return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-node: a simulated cluster (`ray.cluster_utils.Cluster`): a head and worker raylets on this
+# machine, 1 CPU each. A job joins it with `ray.address=<address>`.
+# ---------------------------------------------------------------------------------------------
+
+
+class SimCluster:
+    """The cluster, its nodes, and which of them run replica actors (found by process: each node's
+    workers are its raylet's children, titled `ray::Replica...` once they host one)."""
+
+    def __init__(self, temp_dir: str):
+        from ray.cluster_utils import Cluster
+
+        self.temp_dir = temp_dir
+        with self._env():
+            self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        self.address = self.cluster.address
+
+    @contextlib.contextmanager
+    def _env(self):
+        before = os.environ.get("RAY_TMPDIR")
+        os.environ["RAY_TMPDIR"] = self.temp_dir  # Cluster writes its address file there, not in /tmp/ray
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("RAY_TMPDIR", None)
+            else:
+                os.environ["RAY_TMPDIR"] = before
+
+    def add_node(self, num_cpus: int = 1):
+        with self._env():
+            return self.cluster.add_node(num_cpus=num_cpus)
+
+    def remove_node(self, node) -> None:
+        self.cluster.remove_node(node, allow_graceful=False)
+
+    def nodes(self) -> list:
+        return [self.cluster.head_node, *sorted(self.cluster.worker_nodes, key=lambda n: n.unique_id)]
+
+    def replicas_on(self, node) -> list:
+        """The replica processes (psutil) on `node`."""
+        import psutil
+
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        out = []
+        for p in raylet.children(recursive=True):
+            try:
+                if "ray::Replica" in " ".join(p.cmdline()):
+                    out.append(p)
+            except psutil.NoSuchProcess:
+                continue
+        return out
+
+    def wait_for_nodes(self, n: int, timeout: float = 60) -> None:
+        self.cluster.wait_for_nodes(timeout)
+
+
+@pytest.fixture(scope="module")
+def sim_cluster():
+    """A head and two worker nodes, 1 CPU each (tests that remove a node add one back)."""
+    temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths have a length limit
+    sim = SimCluster(temp_dir)
+    try:
+        sim.add_node()
+        sim.add_node()
+        sim.cluster.wait_for_nodes()
+        yield sim
+    finally:
+        sim.cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
