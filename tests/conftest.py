@@ -350,21 +350,29 @@ class SimCluster:
         from ray.cluster_utils import Cluster
 
         self.temp_dir = temp_dir
+        self.faults_file = Path(temp_dir) / "faults.json"  # tests/faults.py: write a FaultSpec here to turn them on
         with self._env():
             self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
         self.address = self.cluster.address
 
     @contextlib.contextmanager
     def _env(self):
-        before = os.environ.get("RAY_TMPDIR")
-        os.environ["RAY_TMPDIR"] = self.temp_dir  # Cluster writes its address file there, not in /tmp/ray
+        """What the nodes (and so every worker) start with: their own temp dir (Cluster writes its address
+        file there, not in /tmp/ray), this checkout on the path, and the fault hook (off without a file)."""
+        from tests.faults import ENV_FILE, WRAPPER
+
+        env = {"RAY_TMPDIR": self.temp_dir, "DGBATCH_TEST_FS_WRAPPER": WRAPPER, ENV_FILE: str(self.faults_file),
+               "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+        before = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             yield
         finally:
-            if before is None:
-                os.environ.pop("RAY_TMPDIR", None)
-            else:
-                os.environ["RAY_TMPDIR"] = before
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def add_node(self, num_cpus: int = 1):
         with self._env():
@@ -394,9 +402,10 @@ class SimCluster:
         self.cluster.wait_for_nodes(timeout)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sim_cluster():
-    """A head and two worker nodes, 1 CPU each (tests that remove a node add one back)."""
+    """A head and two worker nodes, 1 CPU each, shared by the session's multi-node tests (a test that removes
+    a node adds one back)."""
     temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths have a length limit
     sim = SimCluster(temp_dir)
     try:

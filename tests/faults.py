@@ -4,7 +4,8 @@ answer throttling (SlowDown) or a 5xx, reset the connection, or tear an upload.
 Not part of dgbatch. A job's processes (driver, planning tasks, replicas on every node) pick it up
 from the environment: `DGBATCH_TEST_FS_WRAPPER=tests.faults:wrap` makes `dgbatch.io.fs.filesystem` wrap
 each raw filesystem in it (below dgbatch's retry layer), and `DGBATCH_FAULTS` (JSON, `FaultSpec`) says
-what to inject. Each injected fault is appended to `FaultSpec.log` as one JSON line (pid, op, path,
+what to inject, or `DGBATCH_FAULTS_FILE` names a file that does (the simulated cluster's nodes are
+started with the hook on and that variable set; no file, no faults). Each injected fault is appended to `FaultSpec.log` as one JSON line (pid, op, path,
 kind), so a test can count them against what the job's summary reports.
 
 Which calls fail is decided by a hash of (seed, op, path, n: how often this process made that call
@@ -31,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from fsspec.exceptions import FSTimeoutError
 
 ENV = "DGBATCH_FAULTS"
+ENV_FILE = "DGBATCH_FAULTS_FILE"  # or: a file holding that JSON (for processes started before the test)
 WRAPPER = "tests.faults:wrap"
 KINDS = ("timeout", "throttled", "server_error", "connection", "torn")
 FAULTED = frozenset({"info", "ls", "exists", "isfile", "isdir", "cat_file", "cat", "pipe_file", "rm", "rm_file",
@@ -54,9 +56,38 @@ class FaultSpec:
 
 
 def wrap(fs):
-    """The DGBATCH_TEST_FS_WRAPPER hook: `fs` with the faults of $DGBATCH_FAULTS."""
+    """The DGBATCH_TEST_FS_WRAPPER hook: `fs` with the faults of $DGBATCH_FAULTS, or of the file that
+    $DGBATCH_FAULTS_FILE names (a simulated cluster's nodes start before any test writes it)."""
     raw = os.environ.get(ENV)
-    return FaultyFileSystem(fs, FaultSpec(**json.loads(raw))) if raw else fs
+    if not raw and os.environ.get(ENV_FILE):
+        try:
+            with open(os.environ[ENV_FILE]) as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raw = None
+    if not raw:
+        return fs
+    spec = FaultSpec(**json.loads(raw))
+    _log_drains(spec.log)
+    return FaultyFileSystem(fs, spec)
+
+
+def _log_drains(log: str) -> None:
+    """Log each `dgbatch.io.retry.drain` too (the retries it hands on to the driver), so a test can tell
+    the faults a process reported from those it took with it when it was killed."""
+    from dgbatch.io import retry
+
+    if not log or getattr(retry.drain, "logged_to", None) == log:
+        return
+    real = getattr(retry.drain, "real", retry.drain)
+
+    def drain() -> dict[str, int]:
+        out = real()
+        _append(log, {"pid": os.getpid(), "drained": sum(out.get(k, 0) for k in retry.KINDS)})
+        return out
+
+    drain.real, drain.logged_to = real, log
+    retry.drain = drain
 
 
 def _fault(kind: str, op: str, path: str) -> Exception:
@@ -129,15 +160,29 @@ class FaultyFileSystem:
         raise _fault(kind, op, path)
 
     def _log(self, op: str, path: str, kind: str) -> None:
-        if not self.spec.log:
-            return
-        line = json.dumps({"pid": os.getpid(), "op": op, "path": path, "kind": kind}) + "\n"
-        with open(self.spec.log, "a") as f:  # one short O_APPEND write per line: processes do not interleave
-            f.write(line)
+        if self.spec.log:
+            _append(self.spec.log, {"pid": os.getpid(), "op": op, "path": path, "kind": kind})
+
+
+def _append(log: str, entry: dict) -> None:
+    with open(log, "a") as f:  # one short O_APPEND write per line: processes do not interleave
+        f.write(json.dumps(entry) + "\n")
+
+
+def reported(entries: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(faults whose retries their process handed on with a drain, faults after its last drain): in a
+    process that was killed, the second are retries nobody could report."""
+    last: dict[int, int] = {}
+    for i, e in enumerate(entries):
+        if "drained" in e:
+            last[e["pid"]] = i
+    faults = [(i, e) for i, e in enumerate(entries) if "kind" in e]
+    return ([e for i, e in faults if i < last.get(e["pid"], -1)], [e for i, e in faults if i > last.get(e["pid"], -1)])
 
 
 def read_log(path) -> list[dict]:
-    """The faults a job's processes injected (one dict per fault)."""
+    """What a job's processes logged: one dict per fault ({pid, op, path, kind}), and one per drain of
+    their retry counts ({pid, drained})."""
     try:
         with open(path) as f:
             return [json.loads(line) for line in f if line.strip()]
