@@ -187,6 +187,7 @@ class JobConfig(Section):
             "input": self.input.model_dump(),
             "sampling": self.sampling.model_dump(),
             "plan": self.plan.model_dump(),
+            "engine.backend": self.engine.backend,  # the two backends sample differently
         }
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
-import uuid
-from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from dgbatch import __version__, checkpoint, redact
@@ -22,13 +21,13 @@ from dgbatch.io.fs import filesystem
 from dgbatch.io.layout import Layout
 from dgbatch.planning.planner import ShardMeta, bucket_edges, plan_fragment
 from dgbatch.planning.source import InputPlan, inspect_input
+from dgbatch.pool import Background, ReplicaPool
+from dgbatch.shard import JobContext
 from dgbatch.stats import ShardStats
 
 log = logging.getLogger("dgbatch")
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_INPUT = 0, 1, 2
-MAX_PROBES = 120  # ~2 minutes of 1-second readiness probes before a restarting replica is given up
-MAX_GROUP_STARTS = 3  # consecutive failed starts (placement, rendezvous, model load) before a group is dropped
 
 
 @dataclass
@@ -37,6 +36,11 @@ class Plan:
     edges: list[int]
     num_rows: int
     shards: list[ShardMeta]
+
+    @property
+    def longest_prompt(self) -> int:
+        """Tokens of the plan's longest prompt (0 for a plan written before shards recorded it)."""
+        return max((s.longest_prompt for s in self.shards), default=0)
 
     def to_dict(self) -> dict:
         return {"fingerprint": self.fingerprint, "edges": self.edges, "num_rows": self.num_rows,
@@ -50,22 +54,40 @@ class Plan:
 @dataclass
 class Progress:
     total_rows: int
-    done_rows: int = 0
+    done_rows: int = 0  # rows of committed shards
     out_tokens: int = 0
     start: float = field(default_factory=time.time)
     last_print: float = 0.0
+    in_flight: dict[str, int] = field(default_factory=dict)  # shard -> rows finished, before its commit
 
     def add(self, stats: dict) -> None:
         self.done_rows += stats["rows"]
         self.out_tokens += stats["output_tokens"]
 
+    def committed(self, shard: str, stats: dict) -> None:
+        self.in_flight.pop(shard, None)
+        self.add(stats)
+
+    def running(self, shard: str, finished: int) -> None:
+        """Rows of a shard in flight finished so far (0: the shard was lost, or it is committed)."""
+        if finished:
+            self.in_flight[shard] = finished
+        else:
+            self.in_flight.pop(shard, None)
+
+    def maybe_print(self, base_rows: int, every_s: float = 5.0) -> None:
+        if time.time() - self.last_print >= every_s:
+            self.last_print = time.time()
+            print(self.line(base_rows), flush=True)
+
     def line(self, base_rows: int) -> str:
         el = max(time.time() - self.start, 1e-9)
-        rate = (self.done_rows - base_rows) / el
-        left = self.total_rows - self.done_rows
+        finished = self.done_rows + sum(self.in_flight.values())
+        rate = (finished - base_rows) / el
+        left = self.total_rows - finished
         eta = f"{left / rate:,.0f}s" if rate > 0 else "?"
-        pct = 100 * self.done_rows / max(self.total_rows, 1)
-        return (f"rows {self.done_rows:,}/{self.total_rows:,} ({pct:.1f}%) | {rate:,.1f} rows/s | "
+        pct = 100 * finished / max(self.total_rows, 1)
+        return (f"rows {finished:,}/{self.total_rows:,} ({pct:.1f}%) | {rate:,.1f} rows/s | "
                 f"{self.out_tokens / el:,.0f} output tok/s | ETA {eta}")
 
 
@@ -87,25 +109,12 @@ def check_fingerprint(fs, layout: Layout, cfg: JobConfig) -> None:
                                 "config": cfg.public_dict()})
 
 
-def init_ray(cfg: JobConfig):
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=True)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)  # under `ray job submit`, or a cluster the user pointed at
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
-    return ray
-
-
 def make_plan(
     ray, cfg: JobConfig, fs, layout: Layout, model_dir, max_prompt: int, inp: InputPlan | None = None
 ) -> Plan:
+    """The job's plan (reused when an interrupted run of the same config wrote one). One input fragment
+    is planned in this process; several in Ray tasks. `ray`: the ray module, or a callable returning it
+    once Ray is up (planning can then start before Ray has)."""
     manifest = read_json(fs, layout.plan_manifest)
     if manifest is not None and manifest.get("fingerprint") == cfg.fingerprint():
         plan = Plan.from_dict(manifest)
@@ -118,6 +127,7 @@ def make_plan(
     if len(inp.fragments) == 1:  # not worth a worker process
         results = [plan_fragment(cfg, inp.fragments[0], *args)]
     else:
+        ray = ray() if callable(ray) else ray
         task = ray.remote(plan_fragment).options(num_cpus=1, max_retries=2)
         results = ray.get([task.remote(cfg, f, *args) for f in inp.fragments])
     shards = [ShardMeta.from_dict(m) for metas in results for m in metas]
@@ -128,8 +138,9 @@ def make_plan(
     return plan
 
 
-def run(cfg: JobConfig) -> int:
-    """Run (or resume) the job; returns the process exit code."""
+def run(cfg: JobConfig, pool: ReplicaPool | None = None) -> int:
+    """Run (or resume) the job; returns the process exit code. On `pool` (its replicas, model loaded,
+    shared with other jobs of the same model and engine), or on replicas started for this job alone."""
     redact.install(cfg)
     t_start = time.time()
     fs, root = filesystem(cfg.output.path, cfg.storage)
@@ -142,29 +153,51 @@ def run(cfg: JobConfig) -> int:
     params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
     max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
     checkpoint.check_parallel(cfg, model_dir)
+    if pool is not None:
+        pool.check(cfg)
     check_fingerprint(fs, layout, cfg)
     if fs.exists(layout.success):
         done = read_json(fs, layout.success) or {}
         print(f"nothing to do: the job at {cfg.output.path} is already complete ({done.get('rows', '?')} rows)")
         return EXIT_OK
+    t_checked = time.time()
 
-    # 2. Plan (or reuse the plan of an interrupted run), then see what is already committed.
-    ray = init_ray(cfg)
-    plan = make_plan(ray, cfg, fs, layout, model_dir, max_prompt, inp)
-    committed = set(n.removesuffix(".parquet") for n in list_names(fs, layout.data(), ".parquet"))
-    todo = [s for s in plan.shards if s.shard_id not in committed]
-    progress = Progress(plan.num_rows)
-    progress.done_rows = sum(s.rows for s in plan.shards if s.shard_id in committed)
-    base_rows = progress.done_rows
-    if committed:
-        print(f"resuming: {len(committed)} of {len(plan.shards)} shards already committed, {len(todo)} to run")
+    # 2. Plan (or reuse the plan of an interrupted run) while Ray and the replicas start and load the model.
+    ray_up = threading.Event()
+    started: dict = {}
+    planning = Background(lambda: make_plan(lambda: ray_up.wait() and started["pool"].ray, cfg, fs, layout,
+                                            model_dir, max_prompt, inp), "dgbatch-plan")
+    own = pool is None
+    try:
+        started["pool"] = pool = pool or ReplicaPool(cfg)
+        ray_up.set()
+        plan = planning.result()
+        t_planned = time.time()
+        committed = {n.removesuffix(".parquet") for n in list_names(fs, layout.data(), ".parquet")}
+        todo = [s for s in plan.shards if s.shard_id not in committed]
+        progress = Progress(plan.num_rows)
+        progress.done_rows = sum(s.rows for s in plan.shards if s.shard_id in committed)
+        base_rows = progress.done_rows
+        if committed:
+            print(f"resuming: {len(committed)} of {len(plan.shards)} shards already committed, {len(todo)} to run")
 
-    # 3. Replicas pull shards from one queue; a dead replica's shard goes back on it.
-    if fs.exists(layout.failed()):  # last run's failures are retried now; this run records its own
-        fs.rm(layout.failed(), recursive=True)
-    failed: dict[str, str] = {}
-    if todo:
-        failed = schedule(ray, cfg, layout, job_meta(cfg, params), todo, progress, base_rows)
+        # 3. Replicas pull shards from one queue; a dead replica's shards go back on it.
+        if fs.exists(layout.failed()):  # last run's failures are retried now; this run records its own
+            fs.rm(layout.failed(), recursive=True)
+        failed: dict[str, str] = {}
+        if todo:
+            job = JobContext(cfg.output.path, root, job_meta(cfg, params), cfg.input.id_column, params,
+                             plan.longest_prompt or max_prompt, cfg.storage)
+            failed = pool.run(job, todo, on_done=progress.committed, on_rows=progress.running,
+                              every_round=lambda: progress.maybe_print(base_rows))
+            print(progress.line(base_rows), flush=True)
+            _log_start_up(t_start, t_checked, t_planned, pool)
+        if failed:
+            lost = sum(s.rows for s in todo if s.shard_id in failed)
+            log.error("%d shard(s) (%d rows) failed: %s", len(failed), lost, ", ".join(sorted(failed)))
+    finally:
+        if own and "pool" in started:
+            started["pool"].close()
     for sid, reason in failed.items():
         write_json(fs, layout.failed(sid), {"shard": sid, "reason": reason})
 
@@ -172,171 +205,21 @@ def run(cfg: JobConfig) -> int:
     return finish(fs, layout, plan, failed, t_start, len(todo))
 
 
-@dataclass
-class _Call:
-    """Refs of one request to one replica: a shard (one ref per rank), a readiness probe or a start."""
+def _log_start_up(t_start: float, t_checked: float, t_planned: float, pool: ReplicaPool) -> None:
+    """Where the job's start-up went, from the driver process's start to its first generated row."""
+    from dgbatch.replica import process_start
 
-    replica: int
-    kind: str  # "shard" | "probe" | "start"
-    shard: str | None
-    refs: list
-    started: float = field(default_factory=time.time)
-    pending: int = 0
-    result: dict | None = None
-    error: Exception | None = None  # a failure that left the group in step (the leader's GroupStillInStep)
-
-    def __post_init__(self) -> None:
-        self.pending = len(self.refs)
-
-
-def schedule(ray, cfg: JobConfig, layout: Layout, meta: dict, todo: list[ShardMeta], progress: Progress,
-             base_rows: int) -> dict[str, str]:
-    from dgbatch.placement import make_replicas
-    from dgbatch.replica import GroupStillInStep
-
-    r = cfg.replicas
-    run_id = uuid.uuid4().hex[:8]
-    replicas = make_replicas(ray, cfg, layout.root, meta, run_id)
-    if cfg.parallel.world_size > 1:
-        print(f"starting {len(replicas)} replica group(s) of {replicas[0].describe()} "
-              f"(actors replica-N-gG-{run_id}-rankR, namespace dgbatch)", flush=True)
-    else:
-        print(f"starting {len(replicas)} replica(s) (names replica-N-{run_id}, namespace dgbatch)", flush=True)
-    queue = deque(s.shard_id for s in todo)
-    rows_of = {s.shard_id: s.rows for s in todo}
-    attempts: Counter[str] = Counter()
-    failed: dict[str, str] = {}
-    inflight: dict = {}  # ref -> _Call
-    idle: list[int] = []
-    probe_at: dict[int, float] = {}  # restarting single replicas: when to ask again whether they are back
-    probe_failures: Counter[int] = Counter()
-    start_failures: Counter[int] = Counter()  # replica groups: consecutive starts that failed
-    last_actor_error = ""
-    actor_errors = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-
-    def submit(a: int, kind: str, shard: str | None, refs: list) -> None:
-        call = _Call(a, kind, shard, refs)
-        for ref in refs:
-            inflight[ref] = call
-
-    def start(a: int) -> None:
-        refs = replicas[a].start()
-        if refs:
-            submit(a, "start", None, refs)
-        else:
-            idle.append(a)
-
-    def tear_down(call: _Call, err: Exception) -> None:
-        """A group failed: drop its refs, kill every rank and the placement group, start a new one."""
-        nonlocal last_actor_error
-        a = call.replica
-        for ref in call.refs:
-            inflight.pop(ref, None)
-        replicas[a].kill()
-        last_actor_error = _brief(err)
-        if call.shard is not None:
-            _retry_or_fail(call.shard, err, attempts, failed, queue, r.max_shard_attempts)
-        start_failures[a] = start_failures[a] + 1 if call.kind == "start" else 0
-        if start_failures[a] >= MAX_GROUP_STARTS:
-            log.error("replica group %d failed to start %d times in a row; dropping it (last: %s)", a,
-                      MAX_GROUP_STARTS, last_actor_error)
-            return
-        log.warning("replica group %d torn down (%s); starting a new one", a, last_actor_error)
-        start(a)
-
-    for a in range(len(replicas)):
-        start(a)
-    try:
-        while queue or any(c.kind == "shard" for c in inflight.values()):
-            now = time.time()
-            for a, at in list(probe_at.items()):
-                if at <= now:
-                    del probe_at[a]
-                    submit(a, "probe", None, replicas[a].probe())
-            for call in {id(c): c for c in inflight.values()}.values():
-                if call.kind == "start" and now - call.started > cfg.parallel.startup_timeout_s:
-                    tear_down(call, TimeoutError(
-                        f"replica group {call.replica} ({replicas[call.replica].describe()}) was not up "
-                        f"{cfg.parallel.startup_timeout_s:g} s after it was created: not enough resources for its "
-                        f"placement group, or a slow model load (parallel.startup_timeout_s)"))
-            while queue and idle:
-                a, sid = idle.pop(0), queue.popleft()
-                submit(a, "shard", sid, replicas[a].run(sid))
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)  # short: Ctrl-C stays prompt
-            for ref in ready:
-                call = inflight.pop(ref, None)
-                if call is None:  # its group was torn down meanwhile
-                    continue
-                a, sid = call.replica, call.shard
-                try:
-                    value = ray.get(ref)
-                except (*actor_errors, ray.exceptions.RayTaskError) as e:
-                    if not replicas[a].restartable:
-                        cause = getattr(e, "cause", None)
-                        if call.kind == "shard" and isinstance(cause, GroupStillInStep) and ref is call.refs[0]:
-                            call.error, call.pending = e, call.pending - 1  # wait for the other ranks' returns
-                        else:
-                            tear_down(call, e)
-                            continue
-                    else:
-                        if isinstance(e, actor_errors):  # dead or restarting: wait until Ray has it back
-                            probe_failures[a] += sid is None
-                            last_actor_error = redact.scrub(str(e).strip().splitlines()[-1][:500])
-                            if probe_failures[a] < MAX_PROBES:
-                                probe_at[a] = time.time() + 1.0
-                            else:
-                                log.error("replica %d did not come back after %d probes; dropping it", a, MAX_PROBES)
-                        else:
-                            idle.append(a)
-                        if sid is not None:
-                            _retry_or_fail(sid, e, attempts, failed, queue, r.max_shard_attempts)
-                        continue
-                else:
-                    call.pending -= 1
-                    if ref is call.refs[0]:
-                        call.result = value
-                if call.pending:
-                    continue
-                probe_failures[a] = 0
-                if call.kind == "start":
-                    start_failures[a] = 0
-                idle.append(a)
-                if call.kind == "shard":
-                    if call.error is not None:
-                        _retry_or_fail(sid, call.error, attempts, failed, queue, r.max_shard_attempts)
-                    else:
-                        progress.add(call.result)
-            if queue and not (idle or inflight or probe_at):  # every replica is gone
-                for sid in queue:
-                    failed[sid] = f"no replica left to run it; last replica error: {last_actor_error}"
-                queue.clear()
-            if time.time() - progress.last_print >= 5.0:
-                progress.last_print = time.time()
-                print(progress.line(base_rows), flush=True)
-        print(progress.line(base_rows), flush=True)
-    finally:
-        for replica in replicas:
-            replica.kill()
-    if failed:
-        lost = sum(rows_of[s] for s in failed)
-        log.error("%d shard(s) (%d rows) failed: %s", len(failed), lost, ", ".join(sorted(failed)))
-    return failed
-
-
-def _brief(err: Exception) -> str:
-    """An error in one scrubbed line for logs and failure records: its type and its message's last line."""
-    return redact.scrub(f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}")
-
-
-def _retry_or_fail(sid: str, err: Exception, attempts: Counter, failed: dict, queue: deque, limit: int) -> None:
-    attempts[sid] += 1
-    reason = _brief(err)
-    if attempts[sid] >= limit:
-        failed[sid] = f"failed {attempts[sid]} attempts; last: {reason}"
-        log.error("shard %s failed for good: %s", sid, reason)
-    else:
-        log.warning("shard %s attempt %d failed (%s); requeued", sid, attempts[sid], reason)
-        queue.append(sid)
+    t0 = process_start() or t_start
+    stats = [s for s in pool.stats() if s.get("first_row_at")]
+    if not stats:
+        return
+    first = min(stats, key=lambda s: s["first_row_at"])
+    rel = lambda t: f"{t - t0:.1f}" if t else "?"
+    log.info("start-up (s since the driver started): checks done %s, Ray up %s (ray.init %.1f s), plan ready %s; "
+             "replica: process %s, model loaded %s (imports %.1f s, load %.1f s), first step %s, first row %s",
+             rel(t_checked), rel(pool.timings["ray_up_at"]), pool.timings["ray_init_s"], rel(t_planned),
+             rel(first.get("process_start")), rel(first.get("ready_at")), first.get("imports_s", 0),
+             first.get("model_load_s", 0), rel(first.get("first_step_at")), rel(first.get("first_row_at")))
 
 
 def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: float, ran: int) -> int:

@@ -20,7 +20,7 @@ class EngineBackend:
     compile: `torch.compile` the denoising step (static shapes: one graph per decoder batch size);
     max_prefill_tokens: new prompt and commit tokens per model pass (bounds the encoder's activations).
 
-    `generate` runs one list to the end; `submit`, `step`, `busy` and `reset` are the engine's stream
+    `generate` runs one list to the end; `submit`, `step`, `busy`, `reserve` and `reset` are the engine's stream
     (`dgbatch.engine.loop`): requests enter while others run, finished rows come out as they finish.
     """
 
@@ -69,6 +69,9 @@ class EngineBackend:
 
     def step(self) -> list[Finished]:
         return self.engine.step()
+
+    def reserve(self, prompt_tokens: int) -> None:
+        self.engine.reserve(prompt_tokens)
 
     def reset(self) -> list[tuple[Hashable, int, Request]]:
         return self.engine.reset()

@@ -320,6 +320,11 @@ class Engine:
             self.queue.append((tag, i, r))
             self._need = max(self._need, self._slot_need(r))
 
+    def reserve(self, prompt_tokens: int) -> None:
+        """Size the slots for prompts of up to `prompt_tokens` (a job's longest) before they come, so
+        the cache is allocated once rather than grown when such a prompt arrives."""
+        self._need = max(self._need, prompt_tokens + (self.max_canvases - 1) * self.canvas)
+
     def reset(self) -> list[tuple[Hashable, int, Request]]:
         """Drop every unfinished row (after a failed step, whose state is unknown); returns them,
         (tag, index, request), in slots then queue order, so a caller can run them again."""

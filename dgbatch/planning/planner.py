@@ -19,13 +19,11 @@ from dgbatch.config import JobConfig
 from dgbatch.planning.buckets import auto_edges, bucket_of, padded_positions
 from dgbatch.planning.prompts import PromptEncoder
 from dgbatch.planning.source import Fragment, InputPlan, read_fragment
+from dgbatch.sizing import planned_batch_size
 
 # Internal shard columns; prefixed so they never clash with the input's own columns.
 ID, PROMPT_IDS, NUM_PROMPT, PLAN_ERROR = "_dgb_id", "_dgb_prompt_ids", "_dgb_num_prompt_tokens", "_dgb_plan_error"
 ERROR_BUCKET = -1
-
-
-REPORT_BATCH_SIZE = 32  # the batch the planning report's padding figure assumes under engine.batch_size=auto
 
 
 @dataclass
@@ -36,7 +34,8 @@ class ShardMeta:
     error_rows: int
     prompt_tokens: int
     padded_positions: int  # prompt positions incl. padding, batched in shard order at engine.batch_size
-    # (at REPORT_BATCH_SIZE when it is 'auto': the replica picks the real one once its model is loaded)
+    # (at sizing.REPORT_BATCH_SIZE when it is 'auto': the replica picks the real one once its model is loaded)
+    longest_prompt: int = 0  # tokens of the shard's longest prompt (0: none, or a plan from before this field)
 
     @staticmethod
     def from_dict(d: dict) -> ShardMeta:
@@ -113,7 +112,7 @@ def plan_fragment(
             pq.write_table(shard, buf)
             # No fsync dance: a plan shard is rebuilt if planning dies; the manifest is the commit point.
             fs.pipe_file(layout.plan_shard(shard_id), buf.getvalue())
-            batch = cfg.engine.batch_size if cfg.engine.batch_size != "auto" else REPORT_BATCH_SIZE
-            padded = padded_positions(lengths, batch)
-            metas.append(asdict(ShardMeta(shard_id, len(idx), bucket, len(idx) - len(lengths), sum(lengths), padded)))
+            padded = padded_positions(lengths, planned_batch_size(cfg.engine))
+            metas.append(asdict(ShardMeta(shard_id, len(idx), bucket, len(idx) - len(lengths), sum(lengths), padded,
+                                          max(lengths, default=0))))
     return metas
