@@ -167,6 +167,8 @@ def times(key: str) -> Callable[[dict], str | None]:
 def cell(v: Any) -> str:
     if v is None:
         return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
     if isinstance(v, int):

@@ -174,7 +174,7 @@ def child_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [CHILD]:
-        args = child_parser().parse_args(argv[1:])
+        args = child_parser().parse_intermixed_args(argv[1:])
         (child_job if args.mode == "job" else child_alone)(args)
         return
     args = parser().parse_args(argv)

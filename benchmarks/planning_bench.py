@@ -40,6 +40,7 @@ CHILD = "_child"  # the first argument of the hidden child run
 def child_planning(args: argparse.Namespace) -> None:
     """In a fresh process: resolve the job as driver.run does, start Ray, time make_plan."""
     from dgbatch import driver
+    from dgbatch.pool import init_ray
     from dgbatch.io.commit import list_names
     from dgbatch.io.fs import filesystem, join
     from dgbatch.io.layout import Layout
@@ -51,7 +52,7 @@ def child_planning(args: argparse.Namespace) -> None:
     inp = inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows)
     model_dir, max_prompt = max_prompt_of(cfg)
     t0 = time.perf_counter()
-    ray = driver.init_ray(cfg)
+    ray = init_ray(cfg)
     ray_s = time.perf_counter() - t0
     with peak_memory() as mem:
         t0 = time.perf_counter()

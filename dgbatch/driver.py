@@ -187,7 +187,7 @@ def run(cfg: JobConfig, pool: ReplicaPool | None = None) -> int:
         failed: dict[str, str] = {}
         if todo:
             job = JobContext(cfg.output.path, root, job_meta(cfg, params), cfg.input.id_column, params,
-                             plan.longest_prompt or max_prompt, cfg.storage)
+                             plan.longest_prompt, cfg.storage)
             failed = pool.run(job, todo, on_done=progress.committed, on_rows=progress.running,
                               every_round=lambda: progress.maybe_print(base_rows))
             print(progress.line(base_rows), flush=True)
