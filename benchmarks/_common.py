@@ -224,7 +224,8 @@ def common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 START_UP = re.compile(
     r"start-up \(s since the driver started\): checks done (?P<checks>[\d.?]+), Ray up (?P<ray_up>[\d.?]+) "
     r"\(ray\.init (?P<ray_init>[\d.]+) s\), plan ready (?P<plan>[\d.?]+); replica: process (?P<replica_process>[\d.?]+), "
-    r"model loaded (?P<model_loaded>[\d.?]+) \(imports (?P<imports>[\d.]+) s, load (?P<load>[\d.]+) s\), "
+    r"actor init (?P<actor_init>[\d.?]+), model loaded (?P<model_loaded>[\d.?]+) "
+    r"\(imports (?P<imports>[\d.]+) s, load (?P<load>[\d.]+) s\), "
     r"first step (?P<first_step>[\d.?]+), first row (?P<first_row>[\d.?]+)")
 
 

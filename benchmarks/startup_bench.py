@@ -19,7 +19,8 @@ import sys
 from _common import Column, cli_job, common_args, machine, markdown_table, median, save, workdir
 
 PIECES = [("checks", "checks done"), ("ray_init", "ray.init took"), ("ray_up", "Ray up"), ("plan", "plan ready"),
-          ("replica_process", "replica process started"), ("imports", "replica imports took"),
+          ("replica_process", "replica process started"), ("actor_init", "replica actor's __init__ began"),
+          ("imports", "replica imports took"),
           ("load", "model load took"), ("model_loaded", "replica ready (model loaded)"),
           ("first_step", "first engine step"), ("first_row", "first generated row")]
 

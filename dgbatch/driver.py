@@ -109,15 +109,28 @@ def check_fingerprint(fs, layout: Layout, cfg: JobConfig) -> None:
                                 "config": cfg.public_dict()})
 
 
+def reusable_plan(fs, layout: Layout, cfg: JobConfig) -> Plan | None:
+    """The plan an interrupted run of this config wrote, if any."""
+    manifest = read_json(fs, layout.plan_manifest)
+    if manifest is not None and manifest.get("fingerprint") == cfg.fingerprint():
+        return Plan.from_dict(manifest)
+    return None
+
+
+def remaining(fs, layout: Layout, plan: Plan) -> tuple[list[ShardMeta], set[str]]:
+    """(shards still to run, ids of the committed ones): one listing of data/."""
+    committed = {n.removesuffix(".parquet") for n in list_names(fs, layout.data(), ".parquet")}
+    return [s for s in plan.shards if s.shard_id not in committed], committed
+
+
 def make_plan(
     ray, cfg: JobConfig, fs, layout: Layout, model_dir, max_prompt: int, inp: InputPlan | None = None
 ) -> Plan:
     """The job's plan (reused when an interrupted run of the same config wrote one). One input fragment
     is planned in this process; several in Ray tasks. `ray`: the ray module, or a callable returning it
     once Ray is up (planning can then start before Ray has)."""
-    manifest = read_json(fs, layout.plan_manifest)
-    if manifest is not None and manifest.get("fingerprint") == cfg.fingerprint():
-        plan = Plan.from_dict(manifest)
+    plan = reusable_plan(fs, layout, cfg)
+    if plan is not None:
         log.info("reusing plan: %d shards, %d rows", len(plan.shards), plan.num_rows)
         return plan
     t0 = time.time()
@@ -162,19 +175,24 @@ def run(cfg: JobConfig, pool: ReplicaPool | None = None) -> int:
         return EXIT_OK
     t_checked = time.time()
 
-    # 2. Plan (or reuse the plan of an interrupted run) while Ray and the replicas start and load the model.
+    # 2. Plan while Ray and the replicas start and load the model (or reuse the plan of an interrupted
+    #    run; when that left nothing to run, start neither).
+    reused = reusable_plan(fs, layout, cfg)
     ray_up = threading.Event()
     started: dict = {}
-    planning = Background(lambda: make_plan(lambda: ray_up.wait() and started["pool"].ray, cfg, fs, layout,
-                                            model_dir, max_prompt, inp), "dgbatch-plan")
+    planning = None
+    if reused is None:
+        planning = Background(lambda: make_plan(lambda: ray_up.wait() and started["pool"].ray, cfg, fs, layout,
+                                                model_dir, max_prompt, inp), "dgbatch-plan")
     own = pool is None
+    failed: dict[str, str] = {}
     try:
-        started["pool"] = pool = pool or ReplicaPool(cfg)
+        if reused is None or remaining(fs, layout, reused)[0]:
+            started["pool"] = pool = pool or ReplicaPool(cfg)
         ray_up.set()
-        plan = planning.result()
+        plan = planning.result() if planning is not None else reused
         t_planned = time.time()
-        committed = {n.removesuffix(".parquet") for n in list_names(fs, layout.data(), ".parquet")}
-        todo = [s for s in plan.shards if s.shard_id not in committed]
+        todo, committed = remaining(fs, layout, plan)
         progress = Progress(plan.num_rows)
         progress.done_rows = sum(s.rows for s in plan.shards if s.shard_id in committed)
         base_rows = progress.done_rows
@@ -184,14 +202,14 @@ def run(cfg: JobConfig, pool: ReplicaPool | None = None) -> int:
         # 3. Replicas pull shards from one queue; a dead replica's shards go back on it.
         if fs.exists(layout.failed()):  # last run's failures are retried now; this run records its own
             fs.rm(layout.failed(), recursive=True)
-        failed: dict[str, str] = {}
         if todo:
             job = JobContext(cfg.output.path, root, job_meta(cfg, params), cfg.input.id_column, params,
                              plan.longest_prompt, cfg.storage)
             failed = pool.run(job, todo, on_done=progress.committed, on_rows=progress.running,
                               every_round=lambda: progress.maybe_print(base_rows))
             print(progress.line(base_rows), flush=True)
-            _log_start_up(t_start, t_checked, t_planned, pool)
+            if own:  # (a shared pool started before this job: its start-up is not this job's)
+                _log_start_up(t_start, t_checked, t_planned, pool)
         if failed:
             lost = sum(s.rows for s in todo if s.shard_id in failed)
             log.error("%d shard(s) (%d rows) failed: %s", len(failed), lost, ", ".join(sorted(failed)))
@@ -216,10 +234,11 @@ def _log_start_up(t_start: float, t_checked: float, t_planned: float, pool: Repl
     first = min(stats, key=lambda s: s["first_row_at"])
     rel = lambda t: f"{t - t0:.1f}" if t else "?"
     log.info("start-up (s since the driver started): checks done %s, Ray up %s (ray.init %.1f s), plan ready %s; "
-             "replica: process %s, model loaded %s (imports %.1f s, load %.1f s), first step %s, first row %s",
-             rel(t_checked), rel(pool.timings["ray_up_at"]), pool.timings["ray_init_s"], rel(t_planned),
-             rel(first.get("process_start")), rel(first.get("ready_at")), first.get("imports_s", 0),
-             first.get("model_load_s", 0), rel(first.get("first_step_at")), rel(first.get("first_row_at")))
+             "replica: process %s, actor init %s, model loaded %s (imports %.1f s, load %.1f s), first step %s, "
+             "first row %s", rel(t_checked), rel(pool.timings["ray_up_at"]), pool.timings["ray_init_s"], rel(t_planned),
+             rel(first.get("process_start")), rel(first.get("init_at")), rel(first.get("ready_at")),
+             first.get("imports_s", 0), first.get("model_load_s", 0), rel(first.get("first_step_at")),
+             rel(first.get("first_row_at")))
 
 
 def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: float, ran: int) -> int:

@@ -72,21 +72,23 @@ def _apply_thread_limit() -> None:
     if n and n.isdigit() and int(n) > 0:
         import torch
 
-        torch.set_num_threads(int(n))
+        torch.set_num_threads(int(n))  # the loop thread started later uses it too
 
 
 def _load(cfg: JobConfig, mesh=None, timings: dict | None = None):
-    """(model, tokenizer, pad_id, eos_ids), the model sharded for `mesh` when given."""
+    """(model, tokenizer, pad_id, eos_ids), the model sharded for `mesh` when given. `timings` gets
+    how long the imports (torch, transformers, the tokenizer) and the model load took."""
     timings = timings if timings is not None else {}
     t0 = time.time()
+    import torch  # noqa: F401 - timed here, apart from the model load
+    from transformers import DiffusionGemmaForBlockDiffusion  # noqa: F401
+
     from dgbatch import checkpoint
 
     model_dir = checkpoint.local_checkpoint(cfg.model, cfg.storage)
     tokenizer = checkpoint.load_tokenizer(model_dir)
     pad_id, eos_ids = checkpoint.special_ids(model_dir, tokenizer)
-    import torch  # noqa: F401 - timed apart from the model load
-    from transformers import DiffusionGemmaForBlockDiffusion  # noqa: F401
-
+    _apply_thread_limit()
     timings["imports_s"] = round(time.time() - t0, 3)
     t1 = time.time()
     model = checkpoint.load_model(model_dir, cfg.model)
@@ -104,7 +106,6 @@ class Replica:
     def __init__(self, cfg: JobConfig):
         self.timings = {"process_start": process_start(), "init_at": time.time()}
         _actor_logging(cfg)
-        _apply_thread_limit()
         model, tokenizer, pad_id, eos_ids = _load(cfg, timings=self.timings)
         self.stream = _stream(cfg, Backends(cfg, model, pad_id, eos_ids), tokenizer, eos_ids).start()
         self.timings["ready_at"] = time.time()
@@ -156,7 +157,6 @@ class ReplicaRank:
 
         self.timings = {"process_start": process_start(), "init_at": time.time()}
         _actor_logging(cfg)
-        _apply_thread_limit()
         self.cfg, self.rank = cfg, rank
         self.dims = ParallelDims(cfg.parallel.tp_size, cfg.parallel.ep_size)
         self.store = None
