@@ -195,7 +195,10 @@ class StreamStats:
     last_row_at: float | None = None
     steps: int = 0
     step_s: float = 0.0  # wall time inside the backend's steps
+    step_cpu_s: float = 0.0  # CPU time of the loop thread inside them
     idle_s: float = 0.0  # wall time without engine work between two steps (waiting for rows to come)
+    cpu_at_first_step: float | None = None  # the process's CPU time (every thread) then, and at the last row
+    cpu_at_last_row: float | None = None
     rows: int = 0
     output_tokens: int = 0
     shards: int = 0
@@ -378,13 +381,14 @@ class ShardStream:
         """One step of the backend, if it has work; its finished rows go to their shards."""
         if self.backend is None or not self.backend.busy:
             return
-        t0 = time.time()
+        t0, c0 = time.time(), time.thread_time()
         if self._last_step_end is None:
-            self.stats.first_step_at = t0
+            self.stats.first_step_at, self.stats.cpu_at_first_step = t0, time.process_time()
         finished = self._step()
         t1 = time.time()
         self.stats.steps += 1
         self.stats.step_s += t1 - t0
+        self.stats.step_cpu_s += time.thread_time() - c0
         self._last_step_end = t1
         if finished:
             self._deliver(finished, t1)
@@ -430,7 +434,7 @@ class ShardStream:
                     self.stats.output_tokens += len(result.token_ids)
             if self.stats.first_row_at is None:
                 self.stats.first_row_at = now
-            self.stats.last_row_at = now
+            self.stats.last_row_at, self.stats.cpu_at_last_row = now, time.process_time()
         if not done:
             return
         done.sort(key=lambda d: repr(d[0]))

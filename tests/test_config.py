@@ -90,6 +90,8 @@ def test_fingerprint_tracks_outputs_not_scheduling():
     a = load_config(None, [], base=BASE)
     assert a.fingerprint() == load_config(None, ["replicas.num_replicas=4", "engine.batch_size=8"], base=BASE).fingerprint()
     assert a.fingerprint() != load_config(None, ["sampling.seed=1"], base=BASE).fingerprint()
+    # the two backends sample differently: a job must not resume into a mix of both
+    assert a.fingerprint() != load_config(None, ["engine.backend=reference"], base=BASE).fingerprint()
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
