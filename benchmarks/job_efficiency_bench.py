@@ -78,6 +78,9 @@ def child_alone(args: argparse.Namespace) -> None:
 
     from dgbatch import checkpoint
     from dgbatch.engine import EngineBackend
+    from dgbatch.io.fs import filesystem
+    from dgbatch.io.layout import Layout
+    from dgbatch.planning.planner import read_shard
     from dgbatch.shard import requests_of
 
     cfg = job_config(Path(args.input), Path(args.output), args.overrides)
@@ -89,9 +92,10 @@ def child_alone(args: argparse.Namespace) -> None:
     model = checkpoint.load_model(model_dir, cfg.model)
     out = Path(args.output)
     manifest = json.loads((out / "_plan" / "manifest.json").read_text())
+    fs, root = filesystem(str(out))
     reqs = []
     for s in manifest["shards"]:
-        reqs += requests_of(pq.read_table(out / "_plan" / "shards" / f"{s['shard_id']}.parquet"))[1]
+        reqs += requests_of(read_shard(fs, Layout(root).plan_shard(s["shard_id"])))[1]
     backend = EngineBackend(model, params, cfg.engine.batch_size, pad, eos)
     t0, c0 = time.perf_counter(), time.process_time()
     gens = backend.generate(reqs)

@@ -48,14 +48,14 @@ def plan_in_process(cfg) -> tuple[list[int], list, str]:
 
 def shard_lengths(root: str, shard_ids: Sequence[str]) -> list[list[int]]:
     """Prompt lengths of each shard's non-error rows, in shard row order, read from the shard files."""
-    import pyarrow.parquet as pq
-
+    from dgbatch.io.fs import filesystem
     from dgbatch.io.layout import Layout
-    from dgbatch.planning.planner import NUM_PROMPT, PLAN_ERROR
+    from dgbatch.planning.planner import NUM_PROMPT, PLAN_ERROR, read_shard
 
+    fs, _ = filesystem(root)
     out = []
     for sid in shard_ids:
-        t = pq.read_table(Layout(root).plan_shard(sid), columns=[NUM_PROMPT, PLAN_ERROR])
+        t = read_shard(fs, Layout(root).plan_shard(sid), [NUM_PROMPT, PLAN_ERROR])
         out.append([n for n, e in zip(t.column(NUM_PROMPT).to_pylist(), t.column(PLAN_ERROR).to_pylist())
                     if e is None])
     return out

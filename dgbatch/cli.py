@@ -1,45 +1,190 @@
-"""`dgbatch run CONFIG [section.key=value ...]`."""
+"""The command line: `dgbatch run | eval | plan | status | report`, and the parser every job entrypoint shares.
+
+A job command takes `CONFIG [section.key=value ...]` and runs a job: `dgbatch run` here, and the same
+command as `python -m jobs.generate` under `ray job submit`. Each is one entry in `JOB_COMMANDS`; a new
+job (an eval, a backfill) is one entry there plus a `jobs/NAME.py` that calls `job_main("NAME")`, so
+`dgbatch NAME --help` and `python -m jobs.NAME --help` say the same thing and parse the same way.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from dgbatch import redact
+from dgbatch import __version__, redact
 from dgbatch.config import ConfigError, load_config
+from dgbatch.driver import EXIT_BAD_INPUT
+
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal, as shells report it
+
+
+@dataclass(frozen=True)
+class JobCommand:
+    """A command that runs a job. `target` is "module:function", imported only when the command runs
+    (so `--help` stays fast); it is called as `function(cfg, **extra)` and returns the exit code, where
+    `extra` holds whatever `arguments` added to the parser beyond CONFIG and the overrides."""
+
+    help: str
+    target: str
+    entrypoint: str  # the `python -m` module that runs the same command under `ray job submit`
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rescore", action="store_true",
+                        help="CONFIG is a job's output root: score its committed outputs again with the job's "
+                             "config plus the overrides (no model, no generation)")
+
+
+JOB_COMMANDS: dict[str, JobCommand] = {
+    "run": JobCommand("run or resume a job", "dgbatch.driver:run", "jobs.generate"),
+    "eval": JobCommand("run or resume an eval: generate, score every row, write OUTPUT/_metrics.json",
+                       "dgbatch.eval.job:run", "jobs.eval", _eval_arguments),
+}
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """CONFIG and its dotted overrides: what every command that takes a job config parses."""
+    parser.add_argument("config", metavar="CONFIG", help="YAML job config (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override a config field; values parse as YAML, e.g. engine.batch_size=64 "
+                             "plan.bucket_edges=[64,128]")
+    return parser
+
+
+def job_parser(name: str, parser: argparse.ArgumentParser | None = None,
+               prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of job command `name`: fills `parser` (a `dgbatch` subcommand) or builds a standalone
+    one for its `python -m` entrypoint, named `prog`."""
+    cmd = JOB_COMMANDS[name]
+    if parser is None:
+        parser = argparse.ArgumentParser(prog=prog or f"python -m {cmd.entrypoint}", description=f"{cmd.help}.",
+                                         epilog=f"The same as `dgbatch {name}`; under `ray job submit` it joins "
+                                                "the cluster it was submitted to.")
+        parser.add_argument("--version", action="version", version=f"dgbatch {__version__}")
+    add_job_arguments(parser)
+    if cmd.arguments is not None:
+        cmd.arguments(parser)
+    return parser
+
+
+def job_main(name: str, argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`python -m jobs.NAME ...`: parse with `job_parser(name)` and run the job."""
+    return _run_parsed(name, job_parser(name, prog=prog).parse_args(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dgbatch", description="Batch inference for DiffusionGemma on Ray.")
+    ap.add_argument("--version", action="version", version=f"dgbatch {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in JOB_COMMANDS.items():
+        job_parser(name, sub.add_parser(name, help=cmd.help, description=f"{cmd.help}."))
+
+    plan = add_job_arguments(sub.add_parser(
+        "plan", help="dry run: plan a job and estimate it, without generating",
+        description="Plan a job without generating: rows, shards, bucket edges, prompt tokens and padding, row "
+                    "errors, and an estimate of output tokens and generation time from a short calibration run. "
+                    "Writes nothing (the output root is not touched)."))
+    plan.add_argument("--calibrate-rows", type=int, default=None, metavar="N",
+                      help="rows to generate for the estimate (default: one batch, at most 64; 0: no calibration, "
+                           "no model load)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    status = sub.add_parser("status", help="where a running or finished job stands, from its files",
+                            description="Shards done / total, rows, failures with their reasons, throughput, ETA "
+                                        "and whether a driver is still writing, read from the job's output files.")
+    status.add_argument("output", metavar="OUTPUT", help="the job's output root (a path or URL), or its CONFIG")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    report = sub.add_parser("report", help="an HTML report with figures of a job's output",
+                            description="Write a self-contained HTML report (report.html, its PNG figures and "
+                                        "report.json) about a job's output.")
+    report.add_argument("output", metavar="OUTPUT", help="the job's output root (a path or URL), or its CONFIG")
+    report.add_argument("--out", metavar="DIR", default=None, help="where to write it [OUTPUT/_report]")
+    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dgbatch", description="Batch inference for DiffusionGemma on Ray.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run or resume a job")
-    run.add_argument("config", help="YAML job config (see configs/)")
-    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. engine.batch_size=64")
-    args = ap.parse_args(argv)
-    return run_job(args.config, args.overrides)
+    args = build_parser().parse_args(argv)
+    if args.command in JOB_COMMANDS:
+        return _run_parsed(args.command, args)
+    try:
+        if args.command == "plan":
+            from dgbatch import dry_run
+
+            cfg = load_config(args.config, args.overrides)
+            redact.install(cfg)
+            return dry_run.main(cfg, args.calibrate_rows, args.json)
+        if args.command == "status":
+            from dgbatch import status
+
+            return status.main(args.output, args.json)
+        if args.command == "report":
+            from dgbatch import report
+
+            return report.main(args.output, args.out)
+    except ConfigError as e:
+        print(f"dgbatch: error: {redact.scrub(str(e))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    raise AssertionError(args.command)
+
+
+def _run_parsed(name: str, args: argparse.Namespace) -> int:
+    extra = {k: v for k, v in vars(args).items() if k not in ("command", "config", "overrides")}
+    if extra.pop("rescore", False):  # `eval --rescore OUTPUT`: an output root, not a config
+        return run_job(args.config, args.overrides, "dgbatch.eval.job:rescore", load=False)
+    return run_job(args.config, args.overrides, JOB_COMMANDS[name].target, **extra)
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise KeyboardInterrupt(signum)
 
 
-def run_job(config: str, overrides: list[str]) -> int:
+def run_job(config: str, overrides: list[str], target: str = "dgbatch.driver:run", load: bool = True, **extra) -> int:
+    """Load and check the config, then run `target` (see JobCommand) on it; the process's exit code.
+    `load=False`: `target` takes (config, overrides) as given (`eval --rescore`: an output root)."""
     # Ctrl-C and SIGTERM (`ray job stop`, a scheduler) stop the driver cleanly: replicas are killed,
     # committed shards stay committed, a rerun resumes. Set explicitly: a parent may have ignored SIGINT.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from dgbatch import driver
-
+    cfg = None
+    module, function = target.split(":")
     try:
+        if not load:
+            return getattr(importlib.import_module(module), function)(config, overrides, **extra)
         cfg = load_config(config, overrides)
         redact.install(cfg)
-        return driver.run(cfg)
+        return getattr(importlib.import_module(module), function)(cfg, **extra)
     except ConfigError as e:
         print(f"dgbatch: error: {redact.scrub(str(e))}", file=sys.stderr)
-        return driver.EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not turn this into a traceback
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(redact.scrub(interrupted_line(cfg)), file=sys.stderr, flush=True)
+        return EXIT_SIGTERM if e.args == (signal.SIGTERM,) else EXIT_SIGINT
+
+
+def interrupted_line(cfg) -> str:
+    """One line on what an interrupted job left behind, read from its files."""
+    resume = "rerun the same command to resume"
+    if cfg is None:
+        return "interrupted before the job started"
+    try:
+        from dgbatch.status import read_status
+
+        st = read_status(cfg.output.path, cfg.storage)
+    except Exception:  # noqa: BLE001 - the storage may be what was slow; the line must still come out
+        return f"interrupted; {resume}"
+    if st.shards_total is None:
+        return f"interrupted before the plan was made; {resume}"
+    return f"interrupted: {st.shards_done} of {st.shards_total} shards committed; {resume}"
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ model is touched, so a typo fails in milliseconds with the key and the expected 
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,25 +36,108 @@ class ModelSection(Section):
 
 
 class InputSection(Section):
-    path: str = Field(description="Parquet file, directory or glob (any fsspec URL), or a datasets path/name.")
-    format: Literal["parquet", "datasets"] = Field("parquet", description="How to read `path`.")
+    path: str = Field(
+        description="Parquet or JSON Lines file, directory or glob (any fsspec URL), or a datasets path/name."
+    )
+    format: Literal["parquet", "jsonl", "datasets"] = Field(
+        "parquet", description="How to read `path`: Parquet, JSON Lines (one object per line, plain or .gz), datasets."
+    )
     split: str | None = Field(None, description="For `format: datasets` with a DatasetDict: the split to read.")
     prompt_column: str | None = Field(None, description="Column holding the user prompt text.")
-    messages_column: str | None = Field(None, description="Column holding chat messages [{role, content}].")
+    messages_column: str | None = Field(
+        None, description="Column holding chat messages [{role, content}]; content a string or a list of text parts."
+    )
+    template: str | None = Field(
+        None, description="Jinja2 template over the row's columns that renders the user prompt (sandboxed; a name "
+        "that is not a column fails the job, a null value fails the row)."
+    )
+    system_prompt: str | None = Field(
+        None, description="A system turn before the user turn (through the chat template)."
+    )
     id_column: str | None = Field(None, description="Column with row ids; default: a stable id from file and row.")
+    reference_column: str | None = Field(
+        None, description="Column with each row's reference answer (what an eval's scorer compares against)."
+    )
+    max_new_tokens_column: str | None = Field(
+        None, description="Integer column: a row's own output budget, capped at sampling.max_new_tokens (null: that)."
+    )
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputSection:
-        if self.prompt_column and self.messages_column:
-            raise ValueError("set only one of input.prompt_column and input.messages_column")
-        if not self.prompt_column and not self.messages_column:
+        sources = [k for k in ("prompt_column", "messages_column", "template") if getattr(self, k)]
+        if len(sources) > 1:
+            raise ValueError(f"set only one of input.prompt_column, input.messages_column and input.template "
+                             f"(got {', '.join('input.' + k for k in sources)}; an override of one replaces the others, "
+                             f"or unset one with e.g. input.{sources[0]}=null)")
+        if not sources:
             self.prompt_column = "prompt"
         return self
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is not None:
+            from dgbatch import template
+
+            template.check(v)
+            if not v.strip():
+                raise ValueError("is empty")
+        return v
+
+    @property
+    def prompt_source(self) -> tuple[str, str]:
+        """(config key, what it names) of the prompt: a column, or the template."""
+        for key in ("prompt_column", "messages_column", "template"):
+            if getattr(self, key):
+                return f"input.{key}", getattr(self, key)
+        raise AssertionError("validated: one prompt source is set")
+
+
+class OutputFilters(Section):
+    """Checks on each output. A row that fails one is kept, marked `filtered` with the `filter_reason`
+    (the first failing check, in this order), never silently dropped."""
+
+    min_tokens: int | None = Field(None, ge=0, description="Fewest output tokens (EOS not counted).")
+    max_tokens: int | None = Field(None, gt=0, description="Most output tokens (EOS not counted).")
+    regex: str | None = Field(None, description="A Python regular expression the output text must match (re.search).")
+    json_: bool = Field(False, alias="json", description="The output text must parse as JSON.")
+
+    @field_validator("regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            import re
+
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _bounds(self) -> OutputFilters:
+        if self.min_tokens is not None and self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"output.filters.min_tokens ({self.min_tokens}) > max_tokens ({self.max_tokens})")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return any(v not in (None, False) for v in (self.min_tokens, self.max_tokens, self.regex, self.json_))
 
 
 class OutputSection(Section):
     path: str = Field(description="Output root (any fsspec URL); outputs go to PATH/data/.")
     force: bool = Field(False, description="Resume into an output whose job used a different config.")
+    filters: OutputFilters = Field(OutputFilters(), description="Checks on each output (rows are marked, not dropped).")
+    drop_filtered: bool = Field(
+        False, description="Write rows that fail output.filters under PATH/filtered/ instead of PATH/data/."
+    )
+
+    @model_validator(mode="after")
+    def _drop_needs_filters(self) -> OutputSection:
+        if self.drop_filtered and not self.filters.active:
+            raise ValueError("output.drop_filtered=true needs output.filters (min_tokens, max_tokens, regex or json)")
+        return self
 
 
 class SamplingSection(Section):
@@ -66,6 +151,9 @@ class SamplingSection(Section):
     stability_threshold: int | None = Field(None, ge=0, description="Steps the argmax canvas must stay unchanged.")
     confidence_threshold: float | None = Field(None, gt=0, description="Mean token entropy below which to stop.")
     seed: int = Field(0, description="Job seed; each row's randomness derives from it and the row id.")
+    num_samples: int = Field(
+        1, gt=0, description="Output rows per input row (column sample_index, ids ROWID#k), each with its own draws."
+    )
 
     @model_validator(mode="after")
     def _temperatures(self) -> SamplingSection:
@@ -142,6 +230,56 @@ class StorageSection(Section):
     region: str | None = Field(None, description="S3 region.")
 
 
+BUILTIN_SCORERS = ("exact", "contains", "regex", "numeric")
+
+
+class EvalSection(Section):
+    """How `jobs.eval` scores each output against input.reference_column (dgbatch/eval/)."""
+
+    scorer: str = Field(
+        "exact", description="exact | contains | regex | numeric, or 'module:function' imported from the job's "
+        "working directory, called as function(output_text, reference, row) -> float (runs your code)."
+    )
+    regex: str | None = Field(
+        None,
+        description="regex: the answer is its first group (or the whole match); numeric: where to find the number.",
+    )
+    ignore_case: bool = Field(True, description="exact / contains / regex: compare case-insensitively.")
+    normalize_whitespace: bool = Field(True, description="exact / contains / regex: strip and collapse whitespace.")
+    tolerance: float = Field(1e-6, ge=0, description="numeric: the largest absolute difference that still scores 1.")
+    group_column: str | None = Field(None, description="Column to report metrics per value of (e.g. task).")
+    pass_k: list[int] | None = Field(
+        None, description="With sampling.num_samples > 1: the k of pass@k (default: 1 and num_samples)."
+    )
+
+    @field_validator("scorer")
+    @classmethod
+    def _scorer(cls, v: str) -> str:
+        import re
+
+        if v not in BUILTIN_SCORERS and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
+            raise ValueError(f"must be one of {', '.join(BUILTIN_SCORERS)} or 'module:function' (got {v!r})")
+        return v
+
+    @field_validator("regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        return OutputFilters._regex(v)
+
+    @field_validator("pass_k")
+    @classmethod
+    def _pass_k(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(k < 1 for k in v)):
+            raise ValueError("must be a non-empty list of positive integers")
+        return v
+
+    @model_validator(mode="after")
+    def _regex_needed(self) -> EvalSection:
+        if self.scorer == "regex" and not self.regex:
+            raise ValueError("eval.scorer=regex needs eval.regex (a pattern whose first group is the answer)")
+        return self
+
+
 class RayCluster(Section):
     address: str | None = Field(None, description="Ray address; default: join a running cluster or start one.")
     num_cpus: int | None = Field(None, gt=0, description="CPUs for a locally started Ray.")
@@ -158,6 +296,15 @@ class JobConfig(Section):
     parallel: ParallelSection = ParallelSection()
     storage: StorageSection = StorageSection()
     ray: RayCluster = RayCluster()
+    eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _samples_fit(self) -> JobConfig:
+        n = self.sampling.num_samples
+        too_big = [k for k in self.eval.pass_k or () if k > n]
+        if too_big:
+            raise ValueError(f"eval.pass_k {too_big} exceed sampling.num_samples={n}: pass@k needs k <= samples")
+        return self
 
     @model_validator(mode="after")
     def _parallel_fits(self) -> JobConfig:
@@ -181,19 +328,21 @@ class JobConfig(Section):
         return self
 
     def fingerprint(self) -> str:
-        """Hash of what decides the outputs; a resumed job must match it."""
+        """Hash of what decides the outputs; a resumed job must match it. Not `eval`: scores are
+        recomputed from the outputs (`jobs.eval --rescore`), so a new scorer reuses the generations."""
         keep = {
             "model": self.model.model_dump(),
             "input": self.input.model_dump(),
             "sampling": self.sampling.model_dump(),
             "plan": self.plan.model_dump(),
+            "output": self.output.model_dump(by_alias=True, include={"filters", "drop_filtered"}),
             "engine.backend": self.engine.backend,  # the two backends sample differently
         }
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def public_dict(self) -> dict[str, Any]:
         """The config as JSON, with secrets masked: safe for logs and manifests."""
-        return json.loads(self.model_dump_json())
+        return json.loads(self.model_dump_json(by_alias=True))
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -205,6 +354,26 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
             raise ConfigError(f"override {dotted!r}: {k!r} is a value, not a section")
         node = child
     node[keys[-1]] = value
+
+
+# Keys of which a config holds at most one: setting one (to a value) drops the others, so the later
+# setting wins: `input.messages_column=msgs` on a config file that sets `prompt_column` just works.
+EXCLUSIVE = (("input.prompt_column", "input.messages_column", "input.template"),)
+
+
+def _apply(tree: dict, pairs: list[tuple[str, Any]]) -> None:
+    for key, value in pairs:
+        _set_dotted(tree, key, value)
+        for group in EXCLUSIVE:
+            if key in group and value is not None:
+                for other in group:
+                    if other != key:
+                        *sections, last = other.split(".")
+                        node = tree
+                        for part in sections:
+                            node = node.get(part) if isinstance(node, dict) else None
+                        if isinstance(node, dict):
+                            node.pop(last, None)
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -221,11 +390,27 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def _section_fields(loc: tuple) -> list[str]:
+    """The keys valid at `loc` (a path of section names into JobConfig); [] if it is not a section."""
+    model: Any = JobConfig
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = field.annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
 def _describe(err: dict) -> str:
     where = ".".join(str(p) for p in err["loc"]) or "<root>"
     kind = err["type"]
     if kind == "extra_forbidden":
-        return f"{where}: unknown key"
+        *section, key = (str(p) for p in err["loc"])
+        known = _section_fields(tuple(section))
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        if close:
+            return f"{where}: unknown key; did you mean {'.'.join([*section, close[0]])!r}?"
+        return f"{where}: unknown key; {'.'.join(section) or 'the config'} has {', '.join(known)}"
     if kind == "missing":
         return f"{where}: required, not set"
     got = err.get("input")
@@ -233,8 +418,10 @@ def _describe(err: dict) -> str:
     return f"{where}: {err['msg']}{got_s}"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> JobConfig:
-    """Load YAML at `path` (or `base`), apply `overrides`, validate. Raises ConfigError."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None,
+                values: Iterable[tuple[str, Any]] = ()) -> JobConfig:
+    """Load YAML at `path` (or `base`), apply `overrides` ("section.key=value" strings, values parsed as
+    YAML), then `values` ((dotted key, Python value) pairs, taken as they are), validate. Raises ConfigError."""
     tree: dict = copy.deepcopy(base or {})
     if path is not None:
         p = Path(path)
@@ -247,8 +434,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
         tree = loaded
-    for key, value in parse_overrides(list(overrides)):
-        _set_dotted(tree, key, value)
+    _apply(tree, parse_overrides(list(overrides)) + list(values))
     try:
         return JobConfig.model_validate(tree)
     except ValidationError as e:

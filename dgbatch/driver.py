@@ -12,14 +12,16 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from dgbatch import __version__, checkpoint, redact
 from dgbatch.config import ConfigError, JobConfig
-from dgbatch.io.commit import list_names, read_json, write_json
+from dgbatch.filters import OutputFilter
+from dgbatch.io.commit import list_names, read_json, write_bytes, write_json
 from dgbatch.io.fs import filesystem
-from dgbatch.io.layout import Layout
-from dgbatch.planning.planner import ShardMeta, bucket_edges, plan_fragment
+from dgbatch.io.layout import READER_CONFIG, Layout
+from dgbatch.planning.planner import SHARD_FORMAT, ShardMeta, bucket_edges, plan_fragment
 from dgbatch.planning.source import InputPlan, inspect_input
 from dgbatch.pool import Background, ReplicaPool
 from dgbatch.shard import JobContext
@@ -43,8 +45,8 @@ class Plan:
         return max((s.longest_prompt for s in self.shards), default=0)
 
     def to_dict(self) -> dict:
-        return {"fingerprint": self.fingerprint, "edges": self.edges, "num_rows": self.num_rows,
-                "shards": [s.__dict__ for s in self.shards]}
+        return {"fingerprint": self.fingerprint, "shard_format": SHARD_FORMAT, "edges": self.edges,
+                "num_rows": self.num_rows, "shards": [s.__dict__ for s in self.shards]}
 
     @staticmethod
     def from_dict(d: dict) -> Plan:
@@ -110,9 +112,10 @@ def check_fingerprint(fs, layout: Layout, cfg: JobConfig) -> None:
 
 
 def reusable_plan(fs, layout: Layout, cfg: JobConfig) -> Plan | None:
-    """The plan an interrupted run of this config wrote, if any."""
+    """The plan an interrupted run of this config wrote, if any (an older dgbatch's plan is made again)."""
     manifest = read_json(fs, layout.plan_manifest)
-    if manifest is not None and manifest.get("fingerprint") == cfg.fingerprint():
+    if (manifest is not None and manifest.get("fingerprint") == cfg.fingerprint()
+            and manifest.get("shard_format") == SHARD_FORMAT):
         return Plan.from_dict(manifest)
     return None
 
@@ -144,16 +147,20 @@ def make_plan(
         task = ray.remote(plan_fragment).options(num_cpus=1, max_retries=2)
         results = ray.get([task.remote(cfg, f, *args) for f in inp.fragments])
     shards = [ShardMeta.from_dict(m) for metas in results for m in metas]
-    plan = Plan(cfg.fingerprint(), edges, inp.num_rows, shards)
+    plan = Plan(cfg.fingerprint(), edges, sum(s.rows for s in shards), shards)  # output rows: x num_samples
     write_json(fs, layout.plan_manifest, plan.to_dict())
-    log.info("planned %d rows into %d shards (bucket edges %s) in %.1fs", inp.num_rows, len(shards), edges,
-             time.time() - t0)
+    n = cfg.sampling.num_samples
+    samples = f" ({inp.num_rows} input rows x {n} samples)" if n > 1 else ""
+    log.info("planned %d rows%s into %d shards (bucket edges %s) in %.1fs", plan.num_rows, samples, len(shards),
+             edges, time.time() - t0)
     return plan
 
 
-def run(cfg: JobConfig, pool: ReplicaPool | None = None) -> int:
+def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaPool | None = None) -> int:
     """Run (or resume) the job; returns the process exit code. On `pool` (its replicas, model loaded,
-    shared with other jobs of the same model and engine), or on replicas started for this job alone."""
+    shared with other jobs of the same model and engine), or on replicas started for this job alone.
+    `extra_columns`: input columns a job built on this one needs (column -> the config key naming it),
+    checked with the others up front."""
     redact.install(cfg)
     t_start = time.time()
     fs, root = filesystem(cfg.output.path, cfg.storage)
@@ -161,7 +168,7 @@ def run(cfg: JobConfig, pool: ReplicaPool | None = None) -> int:
 
     # 1. Cheap checks, before Ray or any model: input schema, checkpoint files, sampling, parallel
     #    degrees against the model's shape, output.
-    inp = inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows)
+    inp = inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows, extra_columns)
     model_dir = checkpoint.local_checkpoint(cfg.model, cfg.storage)
     params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
     max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
@@ -169,6 +176,7 @@ def run(cfg: JobConfig, pool: ReplicaPool | None = None) -> int:
     if pool is not None:
         pool.check(cfg)
     check_fingerprint(fs, layout, cfg)
+    write_bytes(fs, layout.reader_config, READER_CONFIG.encode())
     if fs.exists(layout.success):
         done = read_json(fs, layout.success) or {}
         print(f"nothing to do: the job at {cfg.output.path} is already complete ({done.get('rows', '?')} rows)")
@@ -204,7 +212,7 @@ def run(cfg: JobConfig, pool: ReplicaPool | None = None) -> int:
             fs.rm(layout.failed(), recursive=True)
         if todo:
             job = JobContext(cfg.output.path, root, job_meta(cfg, params), cfg.input.id_column, params,
-                             plan.longest_prompt, cfg.storage)
+                             plan.longest_prompt, cfg.storage, OutputFilter.of(cfg.output))
             failed = pool.run(job, todo, on_done=progress.committed, on_rows=progress.running,
                               every_round=lambda: progress.maybe_print(base_rows))
             print(progress.line(base_rows), flush=True)
@@ -220,7 +228,7 @@ def run(cfg: JobConfig, pool: ReplicaPool | None = None) -> int:
         write_json(fs, layout.failed(sid), {"shard": sid, "reason": reason})
 
     # 4. Summary over all committed shards, this run's and earlier ones'.
-    return finish(fs, layout, plan, failed, t_start, len(todo))
+    return finish(fs, layout, plan, failed, t_start, len(todo), cfg=cfg, done_before=committed)
 
 
 def _log_start_up(t_start: float, t_checked: float, t_planned: float, pool: ReplicaPool) -> None:
@@ -241,10 +249,17 @@ def _log_start_up(t_start: float, t_checked: float, t_planned: float, pool: Repl
              rel(first.get("first_row_at")))
 
 
-def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: float, ran: int) -> int:
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: float, ran: int, *,
+           cfg: JobConfig | None = None, done_before: Collection[str] = ()) -> int:
+    """Write `_summary.json` (and `_SUCCESS` when every shard is committed); `done_before`: the shards
+    committed before this run, left out of this run's throughput."""
     from dgbatch.shard import stats_of_output
 
-    total = ShardStats()
+    total, now = ShardStats(), ShardStats()
     ids = [s.shard_id for s in plan.shards if s.shard_id not in failed]
     markers = {n.removesuffix(".json") for n in list_names(fs, layout.commit(), ".json")}
     paths = [layout.commit(sid) for sid in ids if sid in markers]
@@ -255,9 +270,13 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
         if blob is not None:
             st = json.loads(blob)
         else:  # committed data whose marker was never written (a crash in between)
-            st = stats_of_output(fs, layout.data(sid)).to_dict()
+            st = stats_of_output(fs, layout, sid).to_dict()
             write_json(fs, layout.commit(sid), st)
         total.merge(ShardStats.from_dict(st))
+        if sid not in done_before:
+            now.merge(ShardStats.from_dict(st))
+    t_end = time.time()
+    wall = max(t_end - t_start, 1e-9)
     summary = {
         "rows": total.rows,
         "rows_total": plan.num_rows,
@@ -267,25 +286,38 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
                                "p90": total.tpf_quantile(0.9)},
         "finish_reasons": total.finish_reasons,
         "failed_rows": total.error_rows,
+        "kept_rows": total.kept_rows,  # rows with an output that passed output.filters
+        "filtered_rows": total.filtered,  # output.filters: filter_reason -> rows
+        "duplicate_outputs": total.duplicate_outputs,  # exact duplicates among a prompt's samples
         "failed_shards": [{"shard": s, "reason": r} for s, r in sorted(failed.items())],
         "shards": len(plan.shards),
         "shards_run_now": ran,
-        "wall_time_s": round(time.time() - t_start, 3),
+        "wall_time_s": round(t_end - t_start, 3),
+        "started_at": _iso(t_start),
+        "ended_at": _iso(t_end),
+        "throughput": {"rows_per_s": round(now.rows / wall, 3),
+                       "output_tokens_per_s": round(now.output_tokens / wall, 3),
+                       "over": "this run: what it generated / its wall time (start-up included)"},
+        "output": layout.url(fs),
+        "model": None if cfg is None else {"path": cfg.model.path, "dtype": cfg.model.dtype,
+                                           "backend": cfg.engine.backend},
+        "dgbatch_version": __version__,
     }
     write_json(fs, layout.summary, summary)
-    print("summary: " + redact.scrub(_fmt(summary)))
+    print("summary: " + redact.scrub(_fmt(summary)) + f"; output in {redact.scrub(layout.url(fs))}/data/")
     if failed:
         print(f"job incomplete: {len(failed)} shard(s) failed: {', '.join(sorted(failed))}; rerun to retry them",
               file=sys.stderr)
         return EXIT_FAILED_SHARDS
-    write_json(fs, layout.success, {"rows": total.rows, "shards": len(plan.shards),
-                                    "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    write_json(fs, layout.success, {"rows": total.rows, "shards": len(plan.shards), "completed_at": _iso(t_end)})
     return EXIT_OK
 
 
 def _fmt(s: dict) -> str:
     tpf = s["tokens_per_forward"]
     f = lambda v: "n/a" if v is None else f"{v:.2f}"
+    filtered = "".join(f", {n} filtered ({r})" for r, n in sorted(s["filtered_rows"].items()))
+    duplicates = f", {s['duplicate_outputs']} duplicate samples" if s["duplicate_outputs"] else ""
     return (f"{s['rows']:,} rows, {s['output_tokens']:,} output tokens, tokens/forward mean {f(tpf['mean'])} "
-            f"p50 {f(tpf['p50'])} p90 {f(tpf['p90'])}, {s['failed_rows']} failed rows, "
+            f"p50 {f(tpf['p50'])} p90 {f(tpf['p90'])}, {s['failed_rows']} failed rows{filtered}{duplicates}, "
             f"{len(s['failed_shards'])} failed shards, {s['wall_time_s']:.1f}s")

@@ -32,6 +32,13 @@ class SamplingParams:
 class Request:
     row_id: str
     prompt_ids: list[int]
+    max_new_tokens: int | None = None  # this row's own budget, capped at SamplingParams.max_new_tokens; None: that
+
+
+def max_new_tokens(request: Request, params: SamplingParams) -> int:
+    """The row's output budget: its own when it asks for fewer tokens than the job's, never more."""
+    own = request.max_new_tokens
+    return params.max_new_tokens if own is None else max(1, min(own, params.max_new_tokens))
 
 
 @dataclass

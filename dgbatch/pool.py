@@ -40,8 +40,16 @@ def init_ray(cfg: JobConfig):
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)  # under `ray job submit`, or a cluster the user pointed at
     else:
+        # Ray turns token auth on for a new local cluster (good) and says so on every run (noise): keep the
+        # protection, drop that one line. Its other auth messages (e.g. auth turned off) still show.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenAuthNotice())
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
     return ray
+
+
+class _TokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def shards_in_flight(batch_size: int | str, shard_rows: float) -> int:

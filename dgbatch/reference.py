@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dgbatch.generation import Generation, Request, SamplingParams, row_seed
+from dgbatch.generation import Generation, Request, SamplingParams, max_new_tokens, row_seed
 
 # fp32 [C, V] buffers per row that `generate` holds at once (raw and processed logits, probabilities,
 # the sampler's log-probabilities and entropy terms; an estimate), against the engine's two: what
@@ -45,17 +45,22 @@ class ReferenceBackend:
         return next(self.model.parameters()).device
 
     def generate(self, requests: Sequence[Request]) -> list[Generation]:
-        # Similar lengths share a batch (less padding); the order is deterministic so a retry reproduces.
-        order = sorted(range(len(requests)), key=lambda i: (len(requests[i].prompt_ids), i))
+        # Rows with their own max_new_tokens share a batch only with rows of the same budget (one
+        # `generate` call takes one max_new_tokens); similar lengths share a batch (less padding). The
+        # order is deterministic so a retry reproduces.
+        budget = [max_new_tokens(r, self.params) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: (budget[i], len(requests[i].prompt_ids), i))
         out: list[Generation | None] = [None] * len(requests)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            for i, gen in zip(idx, self._generate_batch([requests[i] for i in idx])):
+        start = 0
+        while start < len(order):
+            same = [i for i in order[start : start + self.batch_size] if budget[i] == budget[order[start]]]
+            for i, gen in zip(same, self._generate_batch([requests[i] for i in same], budget[same[0]])):
                 out[i] = gen
+            start += len(same)
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _generate_batch(self, batch: list[Request]) -> list[Generation]:
+    def _generate_batch(self, batch: list[Request], max_new: int) -> list[Generation]:
         width = max(len(r.prompt_ids) for r in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -64,18 +69,20 @@ class ReferenceBackend:
             mask[i, width - len(r.prompt_ids) :] = 1
         # generate draws from the global RNG; seed it from the batch's rows so a retried shard reproduces.
         torch.manual_seed(row_seed(self.params.seed, "\x1e".join(r.row_id for r in batch)))
-        out = self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device), **self.generate_kwargs)
+        kwargs = {**self.generate_kwargs, "max_new_tokens": max_new}
+        out = self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         new = out.sequences[:, width:].cpu().tolist()
         tpf = out.tokens_per_forward.cpu().tolist()
-        return [self._row(r, toks, t) for r, toks, t in zip(batch, new, tpf)]
+        return [self._row(r, toks, t, max_new) for r, toks, t in zip(batch, new, tpf)]
 
-    def _row(self, req: Request, new: list[int], tpf: float) -> Generation:
+    def _row(self, req: Request, new: list[int], tpf: float, max_new: int | None = None) -> Generation:
+        max_new = self.params.max_new_tokens if max_new is None else max_new
         valid = sum(t != self.pad_id for t in new)
         cut = next((i + 1 for i, t in enumerate(new) if t in self.eos_ids), None)
-        if cut is not None and cut <= self.params.max_new_tokens:
+        if cut is not None and cut <= max_new:
             toks, reason = new[:cut], "eos"
         else:
-            toks, reason = new[: self.params.max_new_tokens], "length"
+            toks, reason = new[:max_new], "length"
         # transformers reports tokens/forward = valid tokens / this row's decoder forwards.
         forwards = round(valid / tpf) if tpf > 0 else 0
         return Generation(

@@ -17,9 +17,14 @@ class ShardStats:
     tpf_count: int = 0
     tpf_hist: dict[str, int] = field(default_factory=dict)  # bin index (as str, JSON-friendly) -> rows
     finish_reasons: dict[str, int] = field(default_factory=dict)
+    filtered: dict[str, int] = field(default_factory=dict)  # output.filters: filter_reason -> rows
+    duplicate_outputs: int = 0  # exact duplicates among a prompt's samples (sampling.num_samples > 1)
 
-    def add_row(self, finish_reason: str, output_tokens: int, prompt_tokens: int, tpf: float | None) -> None:
+    def add_row(self, finish_reason: str, output_tokens: int, prompt_tokens: int, tpf: float | None,
+                filter_reason: str | None = None) -> None:
         self.rows += 1
+        if filter_reason is not None:
+            self.filtered[filter_reason] = self.filtered.get(filter_reason, 0) + 1
         self.error_rows += finish_reason == "error"
         self.output_tokens += output_tokens
         self.prompt_tokens += prompt_tokens
@@ -31,9 +36,10 @@ class ShardStats:
             self.tpf_hist[b] = self.tpf_hist.get(b, 0) + 1
 
     def merge(self, other: ShardStats) -> None:
-        for k in ("rows", "error_rows", "output_tokens", "prompt_tokens", "tpf_sum", "tpf_count"):
+        for k in ("rows", "error_rows", "output_tokens", "prompt_tokens", "tpf_sum", "tpf_count", "duplicate_outputs"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
-        for mine, theirs in ((self.tpf_hist, other.tpf_hist), (self.finish_reasons, other.finish_reasons)):
+        for mine, theirs in ((self.tpf_hist, other.tpf_hist), (self.finish_reasons, other.finish_reasons),
+                             (self.filtered, other.filtered)):
             for k, v in theirs.items():
                 mine[k] = mine.get(k, 0) + v
 
@@ -46,6 +52,11 @@ class ShardStats:
             if seen >= target:
                 return round((int(b) + 0.5) * TPF_BIN, 4)
         return None
+
+    @property
+    def kept_rows(self) -> int:
+        """Rows with an output that passed every output filter."""
+        return self.rows - self.error_rows - sum(self.filtered.values())
 
     @property
     def tpf_mean(self) -> float | None:

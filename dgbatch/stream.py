@@ -272,7 +272,7 @@ class ShardStream:
             raise StreamBroken(f"the replica's loop failed: {type(ticket.error).__name__}: {ticket.error}") \
                 from ticket.error
         table, stats = output_table(shard, dict(zip(todo, ticket.results)), self.tokenizer, self.eos_ids,
-                                    files.drop_input_id)
+                                    files.drop_input_id, files.output_filter)
         return files.commit(shard_id, table, stats)
 
     def progress(self) -> dict[str, int]:

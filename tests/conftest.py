@@ -180,6 +180,17 @@ def write_prompts(path: Path, prompts: list, **columns: list) -> Path:
     return path
 
 
+def write_jsonl(path: Path, rows: list, gz: bool = False) -> Path:
+    """A JSON Lines input: each row a dict (written as JSON) or a str (written as the raw line)."""
+    import gzip
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows).encode()
+    path.write_bytes(gzip.compress(text) if gz else text)
+    return path
+
+
 @pytest.fixture
 def job_config(tmp_path: Path, toy_model_dir: Path):
     """Build a JobConfig over the toy model, writing to tmp_path/out unless told otherwise."""
@@ -217,15 +228,19 @@ def engine_reproduction(cfg, out_root: Path) -> dict[str, str]:
     from dgbatch import checkpoint
     from dgbatch.engine import EngineBackend
     from dgbatch.generation import Request
+    from dgbatch.io.fs import filesystem
 
     model_dir = checkpoint.local_checkpoint(cfg.model)
     tok = checkpoint.load_tokenizer(model_dir)
     params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
     pad, eos = checkpoint.special_ids(model_dir, tok)
     backend = EngineBackend(checkpoint.load_model(model_dir, cfg.model), params, cfg.engine.batch_size, pad, eos)
+    from dgbatch.planning.planner import ID, PLAN_ERROR, PROMPT_IDS, read_shard
+
+    fs, _ = filesystem(str(out_root))
     texts = {}
-    for shard in sorted((Path(out_root) / "_plan" / "shards").glob("*.parquet")):
-        t = pq.read_table(shard, columns=["_dgb_id", "_dgb_prompt_ids", "_dgb_plan_error"])
+    for shard in sorted((Path(out_root) / "_plan" / "shards").glob("*.arrow")):
+        t = read_shard(fs, str(shard), [ID, PROMPT_IDS, PLAN_ERROR])
         reqs = [Request(i, p) for i, p, e in zip(*(c.to_pylist() for c in t.columns)) if e is None]
         for g in backend.generate(reqs):
             texts[g.row_id] = tok.decode([x for x in g.token_ids if x not in eos], skip_special_tokens=True)
@@ -238,7 +253,7 @@ def break_one_shard(out: Path) -> tuple[str, str]:
     broken, kept = sorted(p.stem for p in (out / "data").iterdir())
     for p in (out / "data" / f"{broken}.parquet", out / "_commits" / f"{broken}.json", out / "_SUCCESS"):
         p.unlink()
-    (out / "_plan" / "shards" / f"{broken}.parquet").write_bytes(b"not parquet any more")
+    (out / "_plan" / "shards" / f"{broken}.arrow").write_bytes(b"not an Arrow file any more")
     return broken, kept
 
 
@@ -254,3 +269,48 @@ def start_job_until_first_commit(cfg, data: Path) -> tuple[threading.Thread, dic
     while time.time() < deadline and not (data.exists() and any(data.iterdir())):
         time.sleep(0.1)
     return t, result
+
+
+# ---------------------------------------------------------------------------------------------
+# Finished job outputs, for what reads an output (status, report, other readers): made once per session.
+# ---------------------------------------------------------------------------------------------
+
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def demo_output(ray_local, tmp_path_factory) -> Path:
+    """The output of a real run of configs/demo.yaml (96 rows, 6 shards). Do not modify it: copy it."""
+    from dgbatch import driver
+    from dgbatch.config import load_config
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert driver.run(load_config(DEMO_CONFIG, [f"output.path={out}"])) == 0
+    return out
+
+
+MIXED_PROMPTS = [b"reverse abc", None, b"repeat 2 ab", b"", b"reverse hello", b"reverse " + b"x" * 60,
+                 b"repeat 3 xy", b"   ", b"reverse " + b"y" * 70, b"repeat 2 q", b"reverse ab", b"repeat 4 z"]
+
+
+@pytest.fixture(scope="session")
+def mixed_output(ray_local, tmp_path_factory, toy_model_dir) -> Path:
+    """A finished job of 12 rows with 5 error rows (null, empty, blank, two too long) in 4 shards."""
+    from dgbatch import driver
+    from dgbatch.config import load_config
+
+    tmp = tmp_path_factory.mktemp("mixed")
+    path = tmp / "in.parquet"
+    pq.write_table(pa.table({"prompt": pa.array(MIXED_PROMPTS, pa.binary()), "n": list(range(len(MIXED_PROMPTS)))}),
+                   path)
+    cfg = load_config(None, ["sampling.max_new_tokens=32", "model.max_prompt_tokens=40", "plan.shard_rows=3"], base={
+        "model": {"path": str(toy_model_dir)}, "input": {"path": str(path)}, "output": {"path": str(tmp / "out")},
+        "engine": {"batch_size": 4}})
+    assert driver.run(cfg) == 0
+    return tmp / "out"
+
+
+def copy_output(src: Path, dest: Path) -> Path:
+    """A private copy of a job output (commit times kept) that a test may change."""
+    shutil.copytree(src, dest, copy_function=shutil.copy2)
+    return dest

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dgbatch import checkpoint, cli, driver, pool
-from tests.conftest import write_prompts
+from tests.conftest import write_jsonl, write_prompts
 
 
 @pytest.fixture
@@ -46,9 +46,22 @@ def demo_args(tmp_path, toy_model_dir, input_path, *extra):
          "expected list<struct<role: string, content: string>>"),
         (lambda d: (d.joinpath("t.parquet").write_text("id,prompt\n1,hi\n"), d / "t.parquet")[1], [],
          "is not a readable Parquet file"),
-        (lambda d: write_prompts(d / "c.parquet", ["x"], output_text=["y"]), [],
-         "collide with dgbatch's output columns"),
-        (lambda d: write_prompts(d / "u.parquet", ["x"]), ["input.id_column=uid"], "id column 'uid'"),
+        (lambda d: write_prompts(d / "c.parquet", ["x"], topic=["y"]),
+         ["input.prompt_column=null", "input.template=Write about {{ topic }} in {{ style }}"],
+         "input.template uses 'style', not a column of the input; columns are ['prompt', 'topic']"),
+        (lambda d: write_prompts(d / "r.parquet", ["x"]), ["input.reference_column=answer"],
+         "column 'answer' (input.reference_column) not found"),
+        (lambda d: write_prompts(d / "b.parquet", ["x"], budget=["many"]), ["input.max_new_tokens_column=budget"],
+         "column 'budget' (input.max_new_tokens_column) has type string, expected integers"),
+        (lambda d: write_jsonl(d / "j.jsonl", [{"text": "x"}, "not json"]), ["input.format=jsonl"],
+         "column 'prompt' (input.prompt_column) not found; columns are ['text']"),
+        (lambda d: (d.joinpath("g.jsonl.gz").write_bytes(b"not gzip at all"), d / "g.jsonl.gz")[1],
+         ["input.format=jsonl"], "'g.jsonl.gz' cannot be read as JSON Lines"),
+        (lambda d: write_jsonl(d / "p.jsonl", [{"prompt": "x"}]), [], "for JSON Lines set input.format=jsonl"),
+        (lambda d: write_jsonl(d / "a.json", ['[{"prompt": "x"}, {"prompt": "y"}]']), ["input.format=jsonl"],
+         "input file 'a.json' has no line holding a JSON object"),
+        (lambda d: write_prompts(d / "u.parquet", ["x"]), ["input.id_column=uid"],
+         "column 'uid' (input.id_column) not found"),
         (lambda d: write_prompts(d / "v.parquet", ["x"]), ["engine.batch_sise=3"], "engine.batch_sise: unknown key"),
         (lambda d: write_prompts(d / "w.parquet", ["x"]), ["sampling.max_new_tokens=lots"],
          "sampling.max_new_tokens: Input should be a valid integer"),

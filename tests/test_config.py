@@ -1,5 +1,6 @@
 """Config: YAML + dotted overrides, and every error names the key and what it expects."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -64,9 +65,39 @@ def test_override_syntax_errors():
         load_config(None, ["model.path.x=1"], base=BASE)
 
 
-def test_both_prompt_sources_refused():
-    with pytest.raises(ConfigError, match="only one of input.prompt_column and input.messages_column"):
-        load_config(None, ["input.prompt_column=p", "input.messages_column=m"], base=BASE)
+def test_both_prompt_sources_refused_in_one_file_and_the_later_override_wins():
+    both = {**BASE, "input": {**BASE["input"], "prompt_column": "p", "messages_column": "m"}}
+    with pytest.raises(ConfigError, match="only one of input.prompt_column, input.messages_column and input.template"):
+        load_config(None, base=both)
+    cfg = load_config(None, ["input.prompt_column=p", "input.messages_column=m"], base=BASE)
+    assert (cfg.input.prompt_column, cfg.input.messages_column) == (None, "m")
+
+
+def test_a_template_override_replaces_a_prompt_column_set_in_the_file():
+    both = {**BASE, "input": {**BASE["input"], "prompt_column": "p", "template": "{{ text }}"}}
+    with pytest.raises(ConfigError, match="only one of input.prompt_column, input.messages_column and input.template"):
+        load_config(None, base=both)
+    cfg = load_config(None, ["input.prompt_column=p", "input.template={{ text }}"], base=BASE)
+    assert (cfg.input.prompt_column, cfg.input.template) == (None, "{{ text }}")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("input.template=Say {{ text", "input.template: Value error, not a valid Jinja2 template"),
+    ("output.filters.regex=(", "output.filters.regex: Value error, not a valid regular expression"),
+    ("output.drop_filtered=true", "output.drop_filtered=true needs output.filters"),
+    ("eval.scorer=fuzzy", "must be one of exact, contains, regex, numeric or 'module:function'"),
+    ("eval.scorer=regex", "eval.scorer=regex needs eval.regex"),
+    ("eval.pass_k=[1,4]", "eval.pass_k [4] exceed sampling.num_samples=1"),
+    ("sampling.num_samples=0", "sampling.num_samples: Input should be greater than 0"),
+])
+def test_eval_and_synthetic_settings_are_checked_up_front(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override], base=BASE)
+
+
+def test_a_template_replaces_the_default_prompt_column():
+    cfg = load_config(None, ["input.template=Translate: {{ text }}"], base=BASE)
+    assert cfg.input.prompt_column is None and cfg.input.prompt_source == ("input.template", "Translate: {{ text }}")
 
 
 def test_missing_or_invalid_file(tmp_path):
@@ -92,6 +123,15 @@ def test_fingerprint_tracks_outputs_not_scheduling():
     assert a.fingerprint() != load_config(None, ["sampling.seed=1"], base=BASE).fingerprint()
     # the two backends sample differently: a job must not resume into a mix of both
     assert a.fingerprint() != load_config(None, ["engine.backend=reference"], base=BASE).fingerprint()
+    # samples and output filters decide the outputs; the scorer does not (a rescore reuses the generations)
+    assert a.fingerprint() != load_config(None, ["sampling.num_samples=2"], base=BASE).fingerprint()
+    assert a.fingerprint() != load_config(None, ["output.filters.json=true"], base=BASE).fingerprint()
+    assert a.fingerprint() == load_config(None, ["eval.scorer=contains"], base=BASE).fingerprint()
+
+
+def test_public_dict_loads_back_as_the_same_config():
+    cfg = load_config(None, ["output.filters.json=true", "eval.scorer=numeric"], base=BASE)
+    assert load_config(None, [], base=cfg.public_dict()) == cfg
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

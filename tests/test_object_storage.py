@@ -53,7 +53,17 @@ def test_s3_model_input_and_output(ray_local, s3_server, s3_bucket, toy_model_di
     assert sum(r["output_text"] == answer_for(r["prompt"]) for r in rows) >= 8
     root = s3_bucket.removeprefix("s3://") + "/out"
     assert fs.exists(f"{root}/_SUCCESS") and json.loads(fs.cat(f"{root}/_summary.json"))["rows"] == 10
-    assert not [p for p in fs.find(root) if "/." in p], "temporary files left behind"
+    assert not [p for p in fs.find(root) if "/." in p and not p.endswith("/.huggingface.yaml")], \
+        "temporary files left behind"
+    # Status and report read an S3 output as they do a local one (commit times from LastModified).
+    from dgbatch.report import write_report
+    from dgbatch.status import read_status
+
+    st = read_status(f"{s3_bucket}/out", cfg.storage)
+    assert st.state == "complete" and st.rows_done == 10 and 0 <= st.last_commit_age_s < 600
+    assert write_report(f"{s3_bucket}/out", storage=cfg.storage) == f"{s3_bucket}/out/_report/report.html"
+    assert fs.exists(f"{root}/_report/throughput.png")
+    assert json.loads(fs.cat(f"{root}/_report/report.json"))["rows"] == 10
 
 
 def _scan_for(secret: str, server, bucket: str, *local_dirs: Path, texts: tuple[str, ...] = ()) -> list[str]:
@@ -101,3 +111,27 @@ def test_secrets_never_reach_logs_or_outputs(s3_server, s3_bucket, toy_model_dir
             assert job["config"]["storage"]["secret"] == "**********"
     finally:
         subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_jsonl_input_on_s3_is_inspected_and_read_in_fragments(s3_server, s3_bucket, gz):
+    import gzip
+
+    from dgbatch.planning.jsonl import READ_ERROR
+    from dgbatch.planning.source import inspect_input, read_fragment
+
+    lines = [json.dumps({"prompt": f"reverse w{i}", "answer": f"{i}w"}) for i in range(7)]
+    lines[4] = "{broken"
+    body = ("\n".join(lines) + "\n").encode()
+    name = "set.jsonl.gz" if gz else "set.jsonl"
+    s3(s3_server).pipe(f"{s3_bucket.removeprefix('s3://')}/evals/{name}", gzip.compress(body) if gz else body)
+    cfg = load_config(None, [], base={
+        "model": {"path": "m"}, "output": {"path": "o"},
+        "input": {"path": f"{s3_bucket}/evals/", "format": "jsonl", "reference_column": "answer"},
+        "storage": {"key": s3_server.key, "secret": s3_server.secret, "endpoint_url": s3_server.endpoint_url}})
+    plan = inspect_input(cfg.input, cfg.storage, fragment_rows=3)
+    assert plan.num_rows == 7 and [f.num_rows for f in plan.fragments] == [3, 3, 1]
+    table = pa.concat_tables([read_fragment(f, cfg.input, cfg.storage) for f in plan.fragments])
+    assert table.column("prompt").to_pylist() == [f"reverse w{i}" if i != 4 else None for i in range(7)]
+    errors = table.column(READ_ERROR).to_pylist()
+    assert errors[4].startswith("input line 5: not valid JSON") and errors.count(None) == 6

@@ -12,7 +12,7 @@ from dgbatch import driver
 from dgbatch.config import ConfigError, load_config
 from dgbatch.toy.tasks import answer_for, sample_examples
 from tests.conftest import (break_one_shard, engine_reproduction, read_output, start_job_until_first_commit,
-                            write_prompts)
+                            write_jsonl, write_prompts)
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["sampling.max_new_tokens=32"]  # short answers keep CPU tests quick
@@ -39,12 +39,13 @@ def test_demo_job_writes_one_correct_row_per_input(ray_local, tmp_path, capsys):
     assert out.num_rows == inp.num_rows
     types = {f.name: str(f.type) for f in out.schema}
     assert types == {
-        "id": "string", "prompt": "string", "task": "string", "expected": "string", "output_text": "string",
+        "id": "string", "row_index": "int64", "prompt": "string", "task": "string", "expected": "string", "output_text": "string",
         "num_prompt_tokens": "int32", "num_output_tokens": "int32", "tokens_per_forward": "double",
         "num_decoder_forwards": "int32", "finish_reason": "string", "error": "string",
     }
     rows = sorted(out.to_pylist(), key=lambda r: int(r["id"].rsplit(":", 1)[1]))
     assert [r["prompt"] for r in rows] == inp.column("prompt").to_pylist()  # carried through unchanged
+    assert [r["row_index"] for r in rows] == list(range(inp.num_rows))  # input order is one sort away
     assert [r["task"] for r in rows] == inp.column("task").to_pylist()
     assert all(r["error"] is None and r["finish_reason"] in ("eos", "length") for r in rows)
     # Faithful: exactly what the model gives for these rows (answer quality is test_toy_checkpoint's job).
@@ -107,6 +108,49 @@ def test_messages_column_and_id_column(ray_local, tmp_path, job_config):
     assert rows["10"]["output_text"] == "olleh" and rows["11"]["output_text"] == "xy xy xy"
     assert rows["10"]["uid"] == 10 and rows["10"]["conversation"] == msgs[0]
     assert rows["12"]["finish_reason"] == "error" and "string role and a string content" in rows["12"]["error"]
+
+
+def test_jsonl_content_parts_and_row_budgets_generate_and_a_bad_line_is_an_error_row(ray_local, tmp_path, job_config):
+    parts = lambda *texts: [{"role": "user", "content": [{"type": "text", "text": t} for t in texts]}]
+    lines = [
+        {"conv": parts("reverse ", "hello"), "budget": None},
+        {"conv": parts("repeat 3 xy"), "budget": 4},  # "xy xy xy" needs 8 tokens: cut at 4
+        '{"conv": [{"role": "user", "content": [{"type": "text", "text": "rev',  # a truncated line
+        {"conv": [{"role": "user", "content": [{"type": "image", "url": "a.png"}]}], "budget": None},
+        {"conv": parts("reverse abc"), "budget": 0},
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl.gz", lines, gz=True)
+    cfg = job_config(path, *FAST, "input.format=jsonl", "input.messages_column=conv", "input.prompt_column=null",
+                     "input.max_new_tokens_column=budget")
+    assert driver.run(cfg) == 0
+    rows = {int(r["id"].rsplit(":", 1)[1]): r for r in read_output(tmp_path / "out").to_pylist()}
+    assert len(rows) == len(lines)  # rows out = lines in
+    assert rows[0]["output_text"] == "olleh" and rows[0]["conv"][0]["content"][1]["text"] == "hello"  # carried as is
+    assert rows[1]["output_text"] == "xy x" and rows[1]["finish_reason"] == "length" and rows[1]["budget"] == 4
+    assert rows[1]["num_output_tokens"] == 4
+    expect = {2: "input line 3: not valid JSON", 3: "image prompts are not supported yet",
+              4: "budget is 0: input.max_new_tokens_column needs a positive integer"}
+    for i, msg in expect.items():
+        assert rows[i]["finish_reason"] == "error" and msg in rows[i]["error"], rows[i]
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["failed_rows"] == 3
+
+
+def test_a_jobs_output_is_the_next_jobs_input(ray_local, tmp_path, job_config):
+    words = ["hello", "batch", "diffusion"]
+    first = write_prompts(tmp_path / "in.parquet", [f"reverse {w}" for w in words], word=words)
+    assert driver.run(job_config(first, *FAST, f"output.path={tmp_path / 'one'}")) == 0
+    # the second job reverses the first one's answers: its template reads the earlier output_text
+    second = job_config(tmp_path / "one" / "data", *FAST, f"output.path={tmp_path / 'two'}", "input.prompt_column=null",
+                        "input.template=reverse {{ output_text }}")
+    assert driver.run(second) == 0
+    out = read_output(tmp_path / "two")
+    rows = {r["word"]: r for r in out.to_pylist()}
+    assert {w: rows[w]["output_text"] for w in words} == {w: w for w in words}
+    assert {w: rows[w]["prev_output_text"] for w in words} == {w: w[::-1] for w in words}
+    assert all(r["prev_id"].startswith("in.parquet:") and r["id"] != r["prev_id"] for r in rows.values())
+    names = out.column_names
+    assert {"prev_finish_reason", "prev_num_output_tokens", "prompt", "word"} <= set(names)
+    assert len(names) == len(set(names)) and names.count("output_text") == 1
 
 
 def test_datasets_input_with_the_default_batch_size(ray_local, tmp_path, job_config):

@@ -4,12 +4,11 @@ import json
 import random
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from dgbatch import checkpoint, driver
 from dgbatch.io.fs import filesystem
 from dgbatch.io.layout import Layout
 from dgbatch.planning.buckets import auto_edges, bucket_of, padding_fraction
+from dgbatch.planning.planner import read_shard
 from tests.conftest import write_prompts
 
 
@@ -51,11 +50,14 @@ def test_plan_is_deterministic(ray_local, tmp_path, job_config):
     assert [s.shard_id for s in pa.shards] == [s.shard_id for s in pb.shards]
     assert pa.edges == pb.edges and len(pa.shards) > 10
     assert sum(s.rows for s in pa.shards) == pa.num_rows == 120
+    fs, _ = filesystem(str(tmp_path))
     for s in pa.shards:
-        ta, tb = (pq.read_table(layout.plan_shard(s.shard_id)) for layout in (la, lb))
+        ta, tb = (read_shard(fs, layout.plan_shard(s.shard_id)) for layout in (la, lb))
         assert ta.equals(tb)
-    ids = [i for s in pa.shards for i in pq.read_table(la.plan_shard(s.shard_id)).column("_dgb_id").to_pylist()]
-    assert sorted(ids) == sorted(f"part-{f}.parquet:{r}" for f in range(3) for r in range(40))
+    rows = [r for s in pa.shards for r in read_shard(fs, la.plan_shard(s.shard_id)).to_pylist()]
+    assert sorted(r["_dgb_id"] for r in rows) == sorted(f"part-{f}.parquet:{r}" for f in range(3) for r in range(40))
+    # Each row knows its position in its input file (the output's row_index), whichever fragment planned it.
+    assert all(r["_dgb_row_index"] == int(r["_dgb_id"].rsplit(":", 1)[1]) == int(r["extra"]) for r in rows)
     # A rerun reuses the stored plan rather than re-planning.
     manifest = Path(la.plan_manifest)
     before = manifest.stat().st_mtime_ns
@@ -73,8 +75,9 @@ def test_bucketing_cuts_prompt_padding(ray_local, tmp_path, job_config):
     assert len(bucketed.edges) >= 3 and flat.edges == []
     # Batches in input order (no planning at all), from the lengths the planner measured.
     by_row = {}
+    fs, _ = filesystem(str(tmp_path))
     for s in bucketed.shards:
-        t = pq.read_table(layout.plan_shard(s.shard_id), columns=["_dgb_id", "_dgb_num_prompt_tokens"])
+        t = read_shard(fs, layout.plan_shard(s.shard_id), ["_dgb_id", "_dgb_num_prompt_tokens"])
         for rid, n in zip(*(c.to_pylist() for c in t.columns)):
             by_row[int(rid.rsplit(":", 1)[1])] = n
     input_order = padding_fraction([by_row[i] for i in range(600)], 16)

@@ -12,7 +12,7 @@ from dgbatch import checkpoint
 from dgbatch.config import load_config
 from dgbatch.io.fs import filesystem
 from dgbatch.io.layout import Layout
-from dgbatch.planning.planner import plan_fragment
+from dgbatch.planning.planner import plan_fragment, read_shard
 from dgbatch.planning.source import inspect_input
 from dgbatch.reference import ReferenceBackend
 from dgbatch.shard import ShardRunner
@@ -69,7 +69,7 @@ def test_second_writer_keeps_the_first_commit(planned):
     first.run(p["shard"])
     before = Path(p["layout"].data(p["shard"])).read_bytes()
     # A zombie replica that built the same shard's output: its commit must lose, leaving the file intact.
-    table, _ = first.build_output(pq.read_table(p["layout"].plan_shard(p["shard"])))
+    table, _ = first.build_output(read_shard(p["fs"], p["layout"].plan_shard(p["shard"])))
     from dgbatch.io.commit import put_exclusive
 
     buf = io.BytesIO()

@@ -40,11 +40,11 @@ from typing import NamedTuple
 import torch
 
 from dgbatch.engine import rng
-from dgbatch.engine.outputs import finish, has_eos
+from dgbatch.engine.outputs import finish, has_eos, num_canvases
 from dgbatch.engine.packing import EncoderBatch, pack
 from dgbatch.engine.runner import ModelRunner
 from dgbatch.engine.sampler import accept_mask, draft, renoise, stop_and_update_history, temperature
-from dgbatch.generation import Generation, Request, SamplingParams
+from dgbatch.generation import Generation, Request, SamplingParams, max_new_tokens
 
 
 @dataclass
@@ -81,6 +81,8 @@ class _Row:
     canvases: list[list[int]] = field(default_factory=list)
     forwards: int = 0  # decoder forwards this row took part in
     length: int = 0  # committed tokens (mirrors the cache length)
+    max_new_tokens: int = 0  # the row's own budget (at most the job's)
+    max_canvases: int = 0  # canvases that budget allows
 
 
 def batch_size_set(batch_size: int, quarters: bool = True) -> tuple[int, ...]:
@@ -115,7 +117,7 @@ class Engine:
         self.pad_id = pad_id
         self.eos_ids = set(eos_ids)
         self.canvas = self.runner.canvas
-        self.max_canvases = -(-params.max_new_tokens // self.canvas)  # as `generate` computes it
+        self.max_canvases = num_canvases(params.max_new_tokens, self.canvas)  # a row's own budget may allow fewer
         self.sizes = batch_size_set(batch_size, quarters=not compile)
         self.compile = compile
         self.max_prefill_tokens = max_prefill_tokens
@@ -155,7 +157,8 @@ class Engine:
             )
 
     def _slot_need(self, request: Request) -> int:
-        """Slot capacity a row needs: its prompt + the canvases that get committed (never the last one)."""
+        """Slot capacity a row needs: its prompt + the canvases that get committed (never the last one;
+        the job's budget, so a row with a smaller one of its own fits too)."""
         return len(request.prompt_ids) + (self.max_canvases - 1) * self.canvas
 
     def _ensure_cache(self) -> None:
@@ -201,7 +204,9 @@ class Engine:
                 return
             if self.rows[s] is None:
                 tag, i, req = self.queue.popleft()
-                self.rows[s] = _Row(tag, i, req, pending=list(req.prompt_ids))
+                budget = max_new_tokens(req, self.params)
+                self.rows[s] = _Row(tag, i, req, pending=list(req.prompt_ids), max_new_tokens=budget,
+                                    max_canvases=num_canvases(budget, self.canvas))
                 self.cache.lengths[s] = 0
                 self.keys[s] = torch.tensor(rng.row_key(self.params.seed, req.row_id))
                 self.stats.prefill_rows += 1
@@ -274,8 +279,9 @@ class Engine:
             row = self.rows[s]
             canvas = host[s][1:]
             row.canvases.append(canvas)
-            if has_eos(canvas, self.eos_ids) or len(row.canvases) == self.max_canvases:
-                gen = finish(row.request.row_id, row.canvases, row.forwards, self.params, self.pad_id, self.eos_ids)
+            if has_eos(canvas, self.eos_ids) or len(row.canvases) == row.max_canvases:
+                gen = finish(row.request.row_id, row.canvases, row.forwards, self.params, self.pad_id, self.eos_ids,
+                             row.max_new_tokens)
                 out.append(Finished(row.tag, row.index, gen))
                 self.rows[s] = None
             else:

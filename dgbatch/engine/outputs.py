@@ -10,23 +10,31 @@ from __future__ import annotations
 from dgbatch.generation import Generation, SamplingParams
 
 
+def num_canvases(max_new_tokens: int, canvas: int) -> int:
+    """Canvases a row may run for a budget of `max_new_tokens`, as `generate` computes them."""
+    return -(-max_new_tokens // canvas)
+
+
 def has_eos(canvas: list[int], eos_ids: set[int]) -> bool:
     """`EosTokenCriteria` over a whole canvas: the row finishes with this canvas."""
     return any(t in eos_ids for t in canvas)
 
 
 def finish(
-    row_id: str, canvases: list[list[int]], forwards: int, params: SamplingParams, pad_id: int, eos_ids: set[int]
+    row_id: str, canvases: list[list[int]], forwards: int, params: SamplingParams, pad_id: int, eos_ids: set[int],
+    max_new_tokens: int | None = None,
 ) -> Generation:
+    """`max_new_tokens`: the row's own budget (`generation.max_new_tokens`); None: params.max_new_tokens."""
+    limit = params.max_new_tokens if max_new_tokens is None else max_new_tokens
     new = [t for c in canvases for t in c]
     cut = next((i + 1 for i, t in enumerate(new) if t in eos_ids), None)
     if cut is not None:
         new[cut:] = [pad_id] * (len(new) - cut)  # `_finalize_canvas`: pad after the first EOS
     valid = sum(t != pad_id for t in new)
-    if cut is not None and cut <= params.max_new_tokens:
+    if cut is not None and cut <= limit:
         toks, reason = new[:cut], "eos"
     else:
-        toks, reason = new[: params.max_new_tokens], "length"
+        toks, reason = new[:limit], "length"
     return Generation(
         row_id=row_id,
         token_ids=[t for t in toks if t != pad_id],

@@ -164,3 +164,21 @@ def list_names(fs: fsspec.AbstractFileSystem, dir_path: str, suffix: str) -> lis
         return []
     names = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "file")
     return sorted(n for n in names if n.endswith(suffix) and not n.startswith("."))
+
+
+def list_mtimes(fs: fsspec.AbstractFileSystem, dir_path: str, suffix: str) -> dict[str, float]:
+    """Base name -> modification time (Unix seconds) of the files directly under `dir_path` ending in
+    `suffix` (hidden names skipped), from one listing. A data file's time is when it was committed."""
+    fs.invalidate_cache(dir_path)
+    try:
+        entries = fs.ls(dir_path, detail=True)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for e in entries:
+        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+        if e["type"] != "file" or not name.endswith(suffix) or name.startswith("."):
+            continue
+        t = e.get("mtime", e.get("LastModified", e.get("last_modified")))
+        out[name] = t.timestamp() if hasattr(t, "timestamp") else float(t or 0.0)
+    return out

@@ -1,5 +1,7 @@
 """Prompt rows to token ids: chat template, tokenize, and a row-level error for anything unusable.
 
+Which chat each row makes (prompt column, messages, template, system prompt) is `chats.py`'s job.
+
 A bad row never raises here: it comes back with an error string, and becomes that row's error
 record in the output, so one bad prompt never fails its shard or the job.
 
@@ -11,82 +13,53 @@ is rendered by the template itself), and tokenization is one batched call into t
 
 from __future__ import annotations
 
-from typing import Any
-
 import pyarrow as pa
 
 from dgbatch.config import InputSection
+from dgbatch.planning.chats import row_chats
 
 _PLACEHOLDER = "\x00dgbatch-prompt\x00"
 _PROBES = ("a", "  spaced text\n with lines  ", "{{ not jinja }} <b>", "x" * 300)
 
 
-def _text(value: Any) -> tuple[str | None, str | None]:
-    if value is None:
-        return None, "prompt is null"
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError as e:
-            return None, f"prompt is not valid UTF-8 ({e})"
-    if not value.strip():
-        return None, "prompt is empty"
-    return value, None
-
-
-def _messages(value: Any) -> tuple[list[dict] | None, str | None]:
-    if value is None or len(value) == 0:
-        return None, "messages are null or empty"
-    out = []
-    for m in value:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            return None, "each message needs a string role and a string content"
-        out.append({"role": m["role"], "content": m["content"]})
-    if not any(m["content"].strip() for m in out):
-        return None, "messages have no content"
-    return out, None
-
-
 class PromptEncoder:
-    """Chat-templates and tokenizes prompt columns for one tokenizer."""
+    """Chat-templates and tokenizes prompt columns for one tokenizer (and one system prompt: the turns
+    every chat starts with, which the fast path renders once)."""
 
-    def __init__(self, tokenizer, max_prompt_tokens: int):
+    def __init__(self, tokenizer, max_prompt_tokens: int, system_prompt: str | None = None):
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
+        self._head = [{"role": "system", "content": system_prompt}] if system_prompt else []
         self._splice = self._find_splice()
 
     def _render(self, chat: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
 
     def _find_splice(self) -> tuple[str, str] | None:
-        """(prefix, suffix) such that render(user: c) == prefix + c + suffix for every probe, else None."""
+        """(prefix, suffix) such that render(head + user: c) == prefix + c + suffix for every probe, else None."""
+        user = lambda c: [*self._head, {"role": "user", "content": c}]
         try:
-            prefix, sep, suffix = self._render([{"role": "user", "content": _PLACEHOLDER}]).partition(_PLACEHOLDER)
-            if not sep or _PLACEHOLDER in suffix:
+            prefix, sep, suffix = self._render(user(_PLACEHOLDER)).partition(_PLACEHOLDER)
+            if not sep or _PLACEHOLDER in suffix or _PLACEHOLDER in prefix:
                 return None
-            if all(self._render([{"role": "user", "content": p}]) == prefix + p + suffix for p in _PROBES):
+            if all(self._render(user(p)) == prefix + p + suffix for p in _PROBES):
                 return prefix, suffix
         except Exception:  # noqa: BLE001 - any template trouble: render row by row instead
             pass
         return None
 
     def render(self, chat: list[dict]) -> str:
-        if self._splice and len(chat) == 1 and chat[0]["role"] == "user":
-            return self._splice[0] + chat[0]["content"] + self._splice[1]
+        head = self._head
+        if self._splice and len(chat) == len(head) + 1 and chat[-1]["role"] == "user" and chat[:-1] == head:
+            return self._splice[0] + chat[-1]["content"] + self._splice[1]
         return self._render(chat)
 
     def encode_column(self, table: pa.Table, section: InputSection) -> tuple[list, list[str | None]]:
-        """(token ids or None, error or None) for each row of the prompt (or messages) column."""
-        col = section.prompt_column or section.messages_column
+        """(token ids or None, error or None) for each row of the table (`chats.row_chats` makes its chat)."""
         errors: list[str | None] = []
         texts: list[str] = []
         rows: list[int] = []
-        for i, v in enumerate(table.column(col).to_pylist()):
-            if section.prompt_column:
-                text, err = _text(v)
-                chat = [{"role": "user", "content": text}] if err is None else None
-            else:
-                chat, err = _messages(v)
+        for i, (chat, err) in enumerate(row_chats(table, section)):
             if err is None:
                 try:
                     texts.append(self.render(chat))

@@ -175,10 +175,10 @@ def generate_with_engine_draws(model, reference):
 
     generate_batch = reference._generate_batch
 
-    def batch(rows):
+    def batch(rows, *args):
         state["keys"] = torch.tensor([rng.row_key(params.seed, r.row_id) for r in rows])
         state["canvas"] = -1
-        return generate_batch(rows)
+        return generate_batch(rows, *args)
 
     saved = (gen.EntropyBoundSampler.initialize_canvas, gen.EntropyBoundSampler.renoise_canvas, torch.multinomial)
     gen.EntropyBoundSampler.initialize_canvas, gen.EntropyBoundSampler.renoise_canvas = (

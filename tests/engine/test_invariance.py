@@ -71,3 +71,25 @@ def test_splitting_the_encoder_work_over_passes_does_not_change_outputs():
     split = EngineBackend(model, PARAMS, batch_size=16, pad_id=0, eos_ids=[1], max_prefill_tokens=40)
     assert _by_id(one.generate(reqs)) == _by_id(split.generate(reqs))
     assert split.stats.encoder_calls > 2 * one.stats.encoder_calls
+
+
+def test_a_rows_own_max_new_tokens_matches_that_budget_for_the_whole_job():
+    """Request.max_new_tokens: the engine and the reference give a row exactly what a job whose
+    sampling.max_new_tokens is that budget gives it; a budget above the job's is capped at the job's."""
+    from dataclasses import replace
+
+    from dgbatch.reference import ReferenceBackend
+
+    model = random_model(vocab=VOCAB, layers=3, sliding_window=12)
+    reqs = random_requests(12, VOCAB, "budget-")
+    budgets = [5, 20, 33, None, 1000, 16] * 2
+    caps = [PARAMS.max_new_tokens if b is None else min(b, PARAMS.max_new_tokens) for b in budgets]
+    own = [replace(r, max_new_tokens=b) for r, b in zip(reqs, budgets)]
+    # (the reference's draws depend on its batch: each budget's rows form one batch in both runs)
+    for make in (lambda p: EngineBackend(model, p, 8, 0, [1]), lambda p: ReferenceBackend(model, p, 8, 0, [1])):
+        mixed = make(PARAMS).generate(own)
+        for cap in sorted(set(caps)):
+            alone = make(replace(PARAMS, max_new_tokens=cap)).generate([r for r, c in zip(reqs, caps) if c == cap])
+            assert [g for g, c in zip(mixed, caps) if c == cap] == alone, cap
+        assert all(len(g.token_ids) <= c for g, c in zip(mixed, caps))
+        assert {g.finish_reason for g, b in zip(mixed, budgets) if b == 5} == {"length"}
