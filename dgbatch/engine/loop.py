@@ -42,6 +42,7 @@ import torch
 from dgbatch.engine import rng
 from dgbatch.engine.outputs import finish, has_eos, num_canvases
 from dgbatch.engine.packing import EncoderBatch, pack
+from dgbatch.engine.prefix import PrefixCache
 from dgbatch.engine.runner import ModelRunner
 from dgbatch.engine.sampler import accept_mask, draft, renoise, stop_and_update_history, temperature
 from dgbatch.generation import Generation, Request, SamplingParams, max_new_tokens
@@ -57,11 +58,19 @@ class EngineStats:
     encoder_calls: int = 0  # encoder batches packed; eager, the last of a step shares the decoder's pass
     prefill_rows: int = 0
     commit_rows: int = 0
+    prompt_tokens: int = 0  # tokens of the prompts admitted
+    encoded_prompt_tokens: int = 0  # prompt tokens the encoder computed (fewer where rows share a prefix)
+    shared_prefix_rows: int = 0  # rows that started from a shared prefix's K/V (`prefix.py`)
     batch_sizes: dict[int, int] = field(default_factory=dict)  # decoder batch size -> calls
 
     @property
     def slot_utilization(self) -> float:
         return self.useful_row_forwards / max(1, self.computed_row_forwards)
+
+    @property
+    def prompt_encoding_ratio(self) -> float:
+        """Prompt tokens encoded / prompt tokens: 1 without shared prefixes, 1/8 for 8 samples of a prompt."""
+        return self.encoded_prompt_tokens / max(1, self.prompt_tokens)
 
 
 class Finished(NamedTuple):
@@ -110,6 +119,7 @@ class Engine:
         capacity: int | None = None,
         compile: bool = False,
         max_prefill_tokens: int = 8192,
+        share_prefixes: bool = True,
     ):
         self.runner = ModelRunner(model)
         self.params = params
@@ -125,6 +135,9 @@ class Engine:
         self.cache = None
         self.queue: deque[tuple[Hashable, int, Request]] = deque()  # submitted, not yet in a slot
         self._need = capacity or 0  # slot capacity the queued rows need (grows only)
+        self._longest_prompt = 0  # of the rows submitted or reserved for (grows only)
+        self.prefixes = PrefixCache(self.runner) if share_prefixes else None
+        self._last_prompt: list[int] | None = None  # the prompt admitted last: the next row's neighbour
         self._step = self._compiled(self._denoise) if compile else self._denoise
         self._alloc_state()
 
@@ -197,11 +210,13 @@ class Engine:
     # ---- phases --------------------------------------------------------------------------------
 
     def _refill(self) -> None:
-        """Free slots take the next prompts; their KV is written by the next `_encode`. A row longer than
-        the cache holds waits (and the rows behind it: first in, first out) until the slots are empty."""
+        """Free slots take the next prompts; their KV is written by the next `_encode`, after the
+        shared prefix they start from (if any). A row longer than the cache holds waits (and the
+        rows behind it: first in, first out) until the slots are empty."""
+        admitted = []
         for s in range(self.num_slots):
             if not self.queue or self._slot_need(self.queue[0][2]) > self.cache.capacity:
-                return
+                break
             if self.rows[s] is None:
                 tag, i, req = self.queue.popleft()
                 budget = max_new_tokens(req, self.params)
@@ -210,6 +225,26 @@ class Engine:
                 self.cache.lengths[s] = 0
                 self.keys[s] = torch.tensor(rng.row_key(self.params.seed, req.row_id))
                 self.stats.prefill_rows += 1
+                self.stats.prompt_tokens += len(req.prompt_ids)
+                admitted.append(s)
+        if admitted and self.prefixes is not None:
+            self._share(admitted)
+
+    def _share(self, slots: list[int]) -> None:
+        """Rows just admitted to `slots` start from the shared prefixes they have in common with
+        their neighbours in the queue or with a kept prefix; only the rest of each prompt is encoded."""
+        prompts = [_shareable(self.rows[s].request) for s in slots]
+        after = prompts[1:] + [_shareable(self.queue[0][2]) if self.queue else None]
+        before = [self._last_prompt] + prompts[:-1]
+        self._last_prompt = prompts[-1]
+        encoded = self.prefixes.encoded_tokens
+        loaded = self.prefixes.admit(self.cache, slots, prompts, list(zip(before, after)), self._longest_prompt)
+        self.stats.encoded_prompt_tokens += self.prefixes.encoded_tokens - encoded
+        for s, k in zip(slots, loaded):
+            if k:
+                row = self.rows[s]
+                row.length, row.pending = k, row.pending[k:]
+                self.stats.shared_prefix_rows += 1
 
     def _pending(self) -> list[EncoderBatch]:
         """Pack every pending prompt and finished canvas into encoder passes (at most
@@ -221,20 +256,25 @@ class Engine:
         passes: list[list[int]] = [[]]
         tokens = 0
         for t, s in todo:
+            if not t:  # a whole prompt loaded from a shared prefix: nothing to encode
+                continue
             if passes[-1] and tokens + t > self.max_prefill_tokens:
                 passes.append([])
                 tokens = 0
             passes[-1].append(s)
             tokens += t
         batches = []
-        for slots in passes:
+        for slots in filter(None, passes):
             rows = [self.rows[s] for s in slots]
             batches.append(pack(self.cache, slots, [r.pending for r in rows], [r.length for r in rows], self._bound,
                                 max_tokens=self.max_prefill_tokens))
             for r in rows:
                 self.stats.commit_rows += bool(r.canvases)
+                if not r.canvases:
+                    self.stats.encoded_prompt_tokens += len(r.pending)
                 r.length += len(r.pending)
-                r.pending = None
+        for _, s in todo:
+            self.rows[s].pending = None
         dev = self.runner.device
         slots = [s for _, s in todo]
         self._reset_canvas(torch.tensor(slots, device=dev),
@@ -325,11 +365,13 @@ class Engine:
         for i, r in enumerate(requests):
             self.queue.append((tag, i, r))
             self._need = max(self._need, self._slot_need(r))
+            self._longest_prompt = max(self._longest_prompt, len(r.prompt_ids))
 
     def reserve(self, prompt_tokens: int) -> None:
         """Size the slots for prompts of up to `prompt_tokens` (a job's longest) before they come, so
         the cache is allocated once rather than grown when such a prompt arrives."""
         self._need = max(self._need, prompt_tokens + (self.max_canvases - 1) * self.canvas)
+        self._longest_prompt = max(self._longest_prompt, prompt_tokens)
 
     def reset(self) -> list[tuple[Hashable, int, Request]]:
         """Drop every unfinished row (after a failed step, whose state is unknown); returns them,
@@ -338,6 +380,9 @@ class Engine:
         self.rows = [None] * self.num_slots
         self.active.zero_()
         self.queue.clear()
+        self._last_prompt = None
+        if self.prefixes is not None:  # a pass that failed may have left an entry half written
+            self.prefixes.clear()
         return dropped
 
     @torch.inference_mode()
@@ -384,3 +429,9 @@ class Engine:
             for f in self.step():
                 out[f.index] = f.generation
         return out  # type: ignore[return-value]
+
+
+def _shareable(request: Request) -> list[int] | None:
+    """The prompt a row may share a prefix of: None for a row with images (an image's tokens may see
+    each other both ways, so its K/V are not a causal prefix's)."""
+    return None if getattr(request, "vision", None) is not None else list(request.prompt_ids)
