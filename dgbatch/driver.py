@@ -194,6 +194,7 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaP
                                                 model_dir, max_prompt, inp), "dgbatch-plan")
     own = pool is None
     failed: dict[str, str] = {}
+    encoding: dict | None = None
     try:
         if reused is None or remaining(fs, layout, reused)[0]:
             started["pool"] = pool = pool or ReplicaPool(cfg)
@@ -213,8 +214,11 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaP
         if todo:
             job = JobContext(cfg.output.path, root, job_meta(cfg, params), cfg.input.id_column, params,
                              plan.longest_prompt, cfg.storage, OutputFilter.of(cfg.output))
+            before = (0, 0) if own else _prompt_encoding(pool.stats())  # a shared pool's earlier jobs
             failed = pool.run(job, todo, on_done=progress.committed, on_rows=progress.running,
                               every_round=lambda: progress.maybe_print(base_rows))
+            after = _prompt_encoding(pool.stats())
+            encoding = {"prompt_tokens": after[0] - before[0], "encoded_prompt_tokens": after[1] - before[1]}
             print(progress.line(base_rows), flush=True)
             if own:  # (a shared pool started before this job: its start-up is not this job's)
                 _log_start_up(t_start, t_checked, t_planned, pool)
@@ -228,7 +232,13 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaP
         write_json(fs, layout.failed(sid), {"shard": sid, "reason": reason})
 
     # 4. Summary over all committed shards, this run's and earlier ones'.
-    return finish(fs, layout, plan, failed, t_start, len(todo), cfg=cfg, done_before=committed)
+    return finish(fs, layout, plan, failed, t_start, len(todo), cfg=cfg, done_before=committed,
+                  prompt_encoding=encoding)
+
+
+def _prompt_encoding(stats: list[dict]) -> tuple[int, int]:
+    """(prompt tokens, prompt tokens encoded) over the replicas' stream stats (`StreamStats`)."""
+    return (sum(s.get("prompt_tokens", 0) for s in stats), sum(s.get("encoded_prompt_tokens", 0) for s in stats))
 
 
 def _log_start_up(t_start: float, t_checked: float, t_planned: float, pool: ReplicaPool) -> None:
@@ -254,9 +264,10 @@ def _iso(t: float) -> str:
 
 
 def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: float, ran: int, *,
-           cfg: JobConfig | None = None, done_before: Collection[str] = ()) -> int:
+           cfg: JobConfig | None = None, done_before: Collection[str] = (), prompt_encoding: dict | None = None) -> int:
     """Write `_summary.json` (and `_SUCCESS` when every shard is committed); `done_before`: the shards
-    committed before this run, left out of this run's throughput."""
+    committed before this run, left out of this run's throughput; `prompt_encoding`: this run's prompt
+    tokens and those the engine's encoder computed (`engine.share_prefixes`), over its replicas."""
     from dgbatch.shard import stats_of_output
 
     total, now = ShardStats(), ShardStats()
@@ -303,6 +314,10 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
                                            "backend": cfg.engine.backend},
         "dgbatch_version": __version__,
     }
+    if prompt_encoding and prompt_encoding["prompt_tokens"] > 0:
+        summary["prompt_encoding"] = {**prompt_encoding, "ratio": round(
+            prompt_encoding["encoded_prompt_tokens"] / prompt_encoding["prompt_tokens"], 4),
+            "over": "this run: prompt tokens the engine's encoder computed / prompt tokens it admitted"}
     write_json(fs, layout.summary, summary)
     print("summary: " + redact.scrub(_fmt(summary)) + f"; output in {redact.scrub(layout.url(fs))}/data/")
     if failed:

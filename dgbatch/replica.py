@@ -46,7 +46,7 @@ class Backends:
             from dgbatch.engine import EngineBackend
 
             return EngineBackend(self.model, params, batch_size, self.pad_id, self.eos_ids,
-                                 compile=self.cfg.engine.compile)
+                                 compile=self.cfg.engine.compile, share_prefixes=self.cfg.engine.share_prefixes)
         if self.cfg.engine.backend == "reference":
             from dgbatch.reference import ReferenceBackend
             from dgbatch.stream import BatchStream

@@ -33,11 +33,13 @@ def batch_size(engine: EngineSection, model, params: SamplingParams, longest_pro
     if engine.batch_size != "auto":
         return engine.batch_size
     from dgbatch.engine.memory import default_batch_size
+    from dgbatch.engine.prefix import ENTRIES
 
-    buffers = 2
+    buffers, prefixes = 2, ENTRIES if engine.share_prefixes else 0
     if engine.backend == "reference":
         from dgbatch.reference import LOGITS_BUFFERS
 
-        buffers = LOGITS_BUFFERS
+        buffers, prefixes = LOGITS_BUFFERS, 0
     capacity = slot_capacity(longest_prompt, params.max_new_tokens, model.config.canvas_length)
-    return default_batch_size(model, capacity, max_prefill_tokens=max_prefill_tokens, fp32_logits_buffers=buffers)
+    return default_batch_size(model, capacity, max_prefill_tokens=max_prefill_tokens, fp32_logits_buffers=buffers,
+                              prefix_entries=prefixes)

@@ -162,6 +162,13 @@ def generations_digest(gens: Sequence[Result]) -> str:
 # ---- the stream -----------------------------------------------------------------------------------
 
 
+def _prompt_counts(backend) -> tuple[int, int]:
+    """(prompt tokens admitted, prompt tokens encoded) so far by the engine's stats; (0, 0) for a backend
+    without them (the reference encodes every prompt, padded)."""
+    stats = getattr(backend, "stats", None)
+    return getattr(stats, "prompt_tokens", 0), getattr(stats, "encoded_prompt_tokens", 0)
+
+
 class _Ticket:
     """One shard's rows inside the loop: their results as they finish, and who waits for them."""
 
@@ -201,6 +208,8 @@ class StreamStats:
     cpu_at_last_row: float | None = None
     rows: int = 0
     output_tokens: int = 0
+    prompt_tokens: int = 0  # engine: tokens of the prompts admitted ...
+    encoded_prompt_tokens: int = 0  # ... and those its encoder computed (fewer where rows share a prefix)
     shards: int = 0
     batch_size: int | None = None
 
@@ -384,8 +393,12 @@ class ShardStream:
         t0, c0 = time.time(), time.thread_time()
         if self._last_step_end is None:
             self.stats.first_step_at, self.stats.cpu_at_first_step = t0, time.process_time()
+        before = _prompt_counts(self.backend)
         finished = self._step()
         t1 = time.time()
+        after = _prompt_counts(self.backend)
+        self.stats.prompt_tokens += after[0] - before[0]
+        self.stats.encoded_prompt_tokens += after[1] - before[1]
         self.stats.steps += 1
         self.stats.step_s += t1 - t0
         self.stats.step_cpu_s += time.thread_time() - c0

@@ -18,7 +18,8 @@ class EngineBackend:
     capacity: committed tokens per slot to allocate up front (default: from the longest prompt
         submitted, grown while no row is in a slot);
     compile: `torch.compile` the denoising step (static shapes: one graph per decoder batch size);
-    max_prefill_tokens: new prompt and commit tokens per model pass (bounds the encoder's activations).
+    max_prefill_tokens: new prompt and commit tokens per model pass (bounds the encoder's activations);
+    share_prefixes: rows that share a prompt or a long prefix encode it once (`dgbatch.engine.prefix`).
 
     `generate` runs one list to the end; `submit`, `step`, `busy`, `reserve` and `reset` are the engine's stream
     (`dgbatch.engine.loop`): requests enter while others run, finished rows come out as they finish.
@@ -35,6 +36,7 @@ class EngineBackend:
         capacity: int | None = None,
         compile: bool = False,
         max_prefill_tokens: int = 8192,
+        share_prefixes: bool = True,
     ):
         self.engine = Engine(
             model,
@@ -45,6 +47,7 @@ class EngineBackend:
             capacity=capacity,
             compile=compile,
             max_prefill_tokens=max_prefill_tokens,
+            share_prefixes=share_prefixes,
         )
 
     @property

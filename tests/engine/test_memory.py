@@ -91,19 +91,20 @@ def test_default_batch_size_follows_the_budget():
 def test_job_batch_size_auto_is_the_memory_models_choice_for_the_jobs_longest_prompt(monkeypatch):
     from dgbatch.config import load_config
     from dgbatch.engine import memory
+    from dgbatch.engine.prefix import ENTRIES
     from dgbatch.sizing import batch_size
 
     model = random_model()
     longest = 300  # the plan's longest prompt, not an assumed 1,024 tokens
     capacity = longest + 2 * 16  # then PARAMS' 32 new tokens: two canvases of 16
-    mm = memory_model(model, capacity)
+    mm = memory_model(model, capacity, prefix_entries=ENTRIES)  # engine.share_prefixes is on by default
     budget = int((mm.peak(64) - mm.weights) / 0.85) + 1  # room for 64 engine rows, not 128
     monkeypatch.setattr(memory, "available_bytes", lambda device: budget)
     base = {"model": {"path": "m"}, "input": {"path": "i"}, "output": {"path": "o"}}
     cfg = load_config(None, [], base=base)
     assert cfg.engine.batch_size == "auto"
     engine = batch_size(cfg.engine, model, PARAMS, longest)
-    assert engine == default_batch_size(model, capacity, budget_bytes=budget) == 64
+    assert engine == default_batch_size(model, capacity, budget_bytes=budget, prefix_entries=ENTRIES) == 64
     # a job with longer prompts needs bigger slots: fewer of them fit the same memory
     assert batch_size(cfg.engine, model, PARAMS, 4 * longest) < 64
     reference = batch_size(load_config(None, ["engine.backend=reference"], base=base).engine, model, PARAMS, longest)
