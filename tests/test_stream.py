@@ -87,12 +87,12 @@ def _base(model_dir, inp, out) -> dict:
     return {"model": {"path": str(model_dir)}, "input": {"path": str(inp)}, "output": {"path": str(out)}}
 
 
-def planned_job(tmp_path: Path, toy, n: int = 24, shard_rows: int = 6):
+def planned_job(tmp_path: Path, toy, n: int = 24, shard_rows: int = 6, overrides: tuple[str, ...] = ()):
     """n toy prompts planned into shards of `shard_rows`: (JobContext, shard ids, layout)."""
     prompts = [e.prompt for e in sample_examples(n, 8)]
     path = write_prompts(tmp_path / "in.parquet", prompts)
-    cfg = load_config(None, ["sampling.max_new_tokens=48", "plan.bucket_edges=[]", f"plan.shard_rows={shard_rows}"],
-                      base=_base(toy["dir"], path, tmp_path / "out"))
+    cfg = load_config(None, ["sampling.max_new_tokens=48", "plan.bucket_edges=[]", f"plan.shard_rows={shard_rows}",
+                             *overrides], base=_base(toy["dir"], path, tmp_path / "out"))
     params = checkpoint.resolve_sampling(toy["dir"], cfg.sampling)
     _, root = filesystem(cfg.output.path)
     frag = inspect_input(cfg.input, None, 1000).fragments[0]
@@ -140,6 +140,16 @@ def test_shards_share_the_engine_and_each_row_is_what_its_shard_alone_gives(tmp_
         ShardRunner(backend, toy["tok"], fs, alone_layout, toy["eos"], {"test": True}, None).run(s)
     streamed, expected = outputs(layout, shards), outputs(alone_layout, shards)
     assert streamed == expected
+
+
+def test_the_stream_counts_prompt_tokens_and_the_fewer_its_engine_encoded_for_samples_of_one_prompt(tmp_path, toy):
+    job, shards, layout = planned_job(tmp_path, toy, n=6, shard_rows=8, overrides=("sampling.num_samples=4",))
+    stream = ShardStream(Factory(toy["model"], toy["pad"], toy["eos"], batch=8), toy["tok"], toy["eos"]).start()
+    run_concurrently(stream, shards, job)
+    stream.stop()
+    rows = outputs(layout, shards)
+    assert len(rows) == 24 and stream.stats.prompt_tokens == sum(r["num_prompt_tokens"] for r in rows.values())
+    assert 0 < 4 * stream.stats.encoded_prompt_tokens <= stream.stats.prompt_tokens
 
 
 def test_a_committed_shard_is_not_run_again(tmp_path, toy):

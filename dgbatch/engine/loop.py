@@ -6,7 +6,8 @@ not in lockstep: every row denoises with its own step count and temperature, and
 after which its canvas converges (or runs out of steps) it costs no decoder compute:
 
     loop:
-      refill  free slots take the next prompts of the queue
+      refill  free slots take the next prompts of the queue; a row whose prompt starts with a shared
+              prefix (`prefix.py`) starts from a copy of its K/V and has only the rest to encode
       step    one model pass: encode the new prompts and the canvases finished in the previous
               step (packed, no padding) and, with their K/V in place, one decoder step over slots
               [0, n), n from a fixed set of batch sizes, then the sampler; rows that were just
