@@ -137,6 +137,8 @@ class PrefixCache:
                 use.append(None)
                 continue
             hit = self._match(prompt)
+            if hit is not None:
+                pinned.add(hit.slot)  # not evicted for a longer entry: it is what that one extends
             share = max(self.shareable(prompt, prev), self.shareable(prompt, nxt))
             if share > (len(hit.tokens) if hit is not None else 0):
                 hit = self._new(list(prompt[:share]), pinned) or hit
