@@ -14,7 +14,7 @@ import pytest
 
 from dgbatch.config import load_config
 from dgbatch.toy.tasks import answer_for
-from tests.conftest import engine_reproduction, read_output
+from tests.conftest import engine_reproduction, ray_head_ports, read_output
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def ray_head():
     try:
         run(ray_bin, "get-auth-token", "--generate", timeout=60)
         started = run(ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(gcs), "--dashboard-host",
-                      "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats", timeout=180)
+                      "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats", *ray_head_ports(), timeout=180)
         assert started.returncode == 0, started.stdout + started.stderr
         address = f"http://127.0.0.1:{dash}"
         deadline = time.time() + 60

@@ -268,7 +268,8 @@ class Engine:
         for slots in filter(None, passes):
             rows = [self.rows[s] for s in slots]
             batches.append(pack(self.cache, slots, [r.pending for r in rows], [r.length for r in rows], self._bound,
-                                max_tokens=self.max_prefill_tokens))
+                                max_tokens=self.max_prefill_tokens, image_id=self.runner.image_token_id,
+                                vision=[r.request.vision if r.length == 0 else None for r in rows]))
             for r in rows:
                 self.stats.commit_rows += bool(r.canvases)
                 if not r.canvases:
@@ -435,4 +436,4 @@ class Engine:
 def _shareable(request: Request) -> list[int] | None:
     """The prompt a row may share a prefix of: None for a row with images (an image's tokens may see
     each other both ways, so its K/V are not a causal prefix's)."""
-    return None if getattr(request, "vision", None) is not None else list(request.prompt_ids)
+    return None if request.vision is not None else list(request.prompt_ids)

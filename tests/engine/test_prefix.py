@@ -126,3 +126,19 @@ def test_with_share_prefixes_off_every_prompt_token_is_encoded():
     _, engine = _run(model, varied_stop_params(), reqs, 4, False)
     assert engine.prefixes is None and engine.stats.shared_prefix_rows == 0
     assert engine.stats.encoded_prompt_tokens == engine.stats.prompt_tokens == 6 * 47
+
+
+def test_rows_with_images_never_share_and_text_rows_beside_them_do():
+    from tests.engine.helpers import random_images, random_vision_model
+
+    model = random_vision_model(vocab=VOCAB)
+    image = VOCAB - 1
+    vision = random_images([(64, 32)])
+    prompt = [5, 6, VOCAB - 3] + [image] * vision.soft_tokens[0] + [VOCAB - 2] + list(range(7, 30))
+    text = list(range(3, 50))
+    reqs = [Request(f"img#{k}", prompt, vision=vision) for k in range(3)] + [Request(f"txt#{k}", text) for k in range(3)]
+    alone = _run(model, varied_stop_params(), reqs, 4, False)[0]
+    shared, engine = _run(model, varied_stop_params(), reqs, 4, True)
+    assert shared == alone
+    assert engine.stats.shared_prefix_rows == 3  # the text rows
+    assert engine.stats.encoded_prompt_tokens == 3 * len(prompt) + len(text)
