@@ -36,7 +36,6 @@ import statistics
 import sys
 import time
 import traceback
-from collections import deque
 from pathlib import Path
 
 import torch
@@ -98,8 +97,9 @@ def filled_engine(model, batch: int, prompt_len: int, vocab: int) -> Engine:
     engine = Engine(model, step_params(0), batch, pad_id=0, eos_ids=[1])
     g = torch.Generator().manual_seed(0)
     reqs = [Request(f"b{i}", torch.randint(3, vocab, (prompt_len,), generator=g).tolist()) for i in range(batch)]
-    engine._ensure_cache(reqs)
-    engine._refill(deque(enumerate(reqs)))
+    engine.submit(reqs)
+    engine._ensure_cache()
+    engine._refill()
     engine._encode()
     return engine
 

@@ -143,16 +143,14 @@ def checkpoint_digest(path: Path) -> str:
 
 
 def resolve_sampling(path: Path, sampling: SamplingSection) -> SamplingParams:
-    """Config fields win, then the checkpoint's generation_config.json, then transformers' defaults."""
-    from transformers import DiffusionGemmaGenerationConfig
-
-    defaults = DiffusionGemmaGenerationConfig._get_default_generation_params()
-    merged = {k: v for k, v in defaults.items() if k != "sampler_config"}
-    merged["entropy_bound"] = defaults["sampler_config"].entropy_bound
+    """Config fields win, then the checkpoint's generation_config.json, then transformers' defaults
+    (imported only when a field is still unset: they pull in torch)."""
+    names = [f for f in SamplingParams.__dataclass_fields__ if f != "seed"]
+    merged: dict = dict.fromkeys(names)
     gen_file = path / "generation_config.json"
     if gen_file.is_file():
         ckpt = _json_file(gen_file, str(path))
-        for k in merged:
+        for k in names:
             if ckpt.get(k) is not None:
                 merged[k] = ckpt[k]
         if isinstance(ckpt.get("sampler_config"), dict) and "entropy_bound" in ckpt["sampler_config"]:
@@ -160,6 +158,12 @@ def resolve_sampling(path: Path, sampling: SamplingSection) -> SamplingParams:
     for k, v in sampling.model_dump().items():
         if v is not None and k in merged:
             merged[k] = v
+    if any(v is None for v in merged.values()):
+        from transformers import DiffusionGemmaGenerationConfig
+
+        defaults = DiffusionGemmaGenerationConfig._get_default_generation_params()
+        defaults["entropy_bound"] = defaults.pop("sampler_config").entropy_bound
+        merged = {k: defaults[k] if v is None else v for k, v in merged.items()}
     try:  # the checkpoint's defaults obey the config's rules too (its t_min may exceed our t_max)
         SamplingSection.model_validate({**merged, "seed": sampling.seed})
     except ValidationError as e:

@@ -286,6 +286,12 @@ class EngineSection(Section):
         "whose estimated peak memory (dgbatch.engine.memory) fits in 85% of the device's free memory.",
     )
     compile: Flag = Field(False, description="Engine: torch.compile the denoising step (static shapes; for GPUs).")
+    share_prefixes: Flag = Field(
+        True,
+        description="Engine: rows that share a prompt (sampling.num_samples) or a long common prefix (few-shot "
+        "examples, a system prompt) encode it once per replica and start from a copy of its K/V; outputs are the same "
+        "(the encoder is causal). Rows with images never share.",
+    )
 
     @field_validator("batch_size", mode="before")
     @classmethod

@@ -8,7 +8,6 @@ output root, checked rather than trusted (`dgbatch/commits.py`), so a rerun runs
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import signal
@@ -16,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from dgbatch.errors import (
     root_cause,
     stop_signal,
 )
+from dgbatch.filters import OutputFilter
 from dgbatch.io import retry
 from dgbatch.io.commit import put_exclusive, read_json, write_bytes, write_json
 from dgbatch.io.fs import StorageError, StorageUnavailable, check_access, filesystem, join, overlap
@@ -40,14 +40,14 @@ from dgbatch.io.layout import READER_CONFIG, Layout, unowned_entries
 from dgbatch.planning import ids
 from dgbatch.planning.planner import SHARD_FORMAT, ShardMeta, bucket_edges, plan_fragment, plan_fragment_with_id_digests
 from dgbatch.planning.source import InputError, InputPlan, input_changes, inspect_input, read_fragment
+from dgbatch.pool import Background, ReplicaPool
+from dgbatch.shard import JobContext
 from dgbatch.stats import ShardStats
 from dgbatch.vision import image_tokens
 
 log = logging.getLogger("dgbatch")
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED_SHARDS", "EXIT_OK", "run"]
-MAX_PROBES = 120  # ~2 minutes of 1-second readiness probes before a restarting replica is given up
-MAX_GROUP_STARTS = 3  # consecutive failed starts (placement, rendezvous, model load) before a group is dropped
 
 
 @dataclass
@@ -57,6 +57,11 @@ class Plan:
     num_rows: int
     shards: list[ShardMeta]
     input: list = field(default_factory=list)  # InputPlan.identity() of the input it was made from
+
+    @property
+    def longest_prompt(self) -> int:
+        """Tokens of the plan's longest prompt (0 for a plan written before shards recorded it)."""
+        return max((s.longest_prompt for s in self.shards), default=0)
 
     def to_dict(self) -> dict:
         return {"fingerprint": self.fingerprint, "shard_format": SHARD_FORMAT, "edges": self.edges,
@@ -74,22 +79,40 @@ class Plan:
 @dataclass
 class Progress:
     total_rows: int
-    done_rows: int = 0
+    done_rows: int = 0  # rows of committed shards
     out_tokens: int = 0
     start: float = field(default_factory=time.time)
     last_print: float = 0.0
+    in_flight: dict[str, int] = field(default_factory=dict)  # shard -> rows finished, before its commit
 
     def add(self, stats: dict) -> None:
         self.done_rows += stats["rows"]
         self.out_tokens += stats["output_tokens"]
 
+    def committed(self, shard: str, stats: dict) -> None:
+        self.in_flight.pop(shard, None)
+        self.add(stats)
+
+    def running(self, shard: str, finished: int) -> None:
+        """Rows of a shard in flight finished so far (0: the shard was lost, or it is committed)."""
+        if finished:
+            self.in_flight[shard] = finished
+        else:
+            self.in_flight.pop(shard, None)
+
+    def maybe_print(self, base_rows: int, every_s: float = 5.0) -> None:
+        if time.time() - self.last_print >= every_s:
+            self.last_print = time.time()
+            print(self.line(base_rows), flush=True)
+
     def line(self, base_rows: int) -> str:
         el = max(time.time() - self.start, 1e-9)
-        rate = (self.done_rows - base_rows) / el
-        left = self.total_rows - self.done_rows
+        finished = self.done_rows + sum(self.in_flight.values())
+        rate = (finished - base_rows) / el
+        left = self.total_rows - finished
         eta = f"{left / rate:,.0f}s" if rate > 0 else "?"
-        pct = 100 * self.done_rows / max(self.total_rows, 1)
-        return (f"rows {self.done_rows:,}/{self.total_rows:,} ({pct:.1f}%) | {rate:,.1f} rows/s | "
+        pct = 100 * finished / max(self.total_rows, 1)
+        return (f"rows {finished:,}/{self.total_rows:,} ({pct:.1f}%) | {rate:,.1f} rows/s | "
                 f"{self.out_tokens / el:,.0f} output tok/s | ETA {eta}")
 
 
@@ -314,99 +337,38 @@ def _ls(fs, path: str) -> list[str]:
         return []
 
 
-# ---- Ray, the plan ---------------------------------------------------------------------------------
+# ---- the plan --------------------------------------------------------------------------------------
 
 
-def init_ray(cfg: JobConfig):
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    with _keeping_stop_handlers():
-        if cfg.ray.address:
-            ray.init(address=cfg.ray.address, log_to_driver=True)
-        elif os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=True)  # under `ray job submit`, or a cluster the user pointed at
-        else:
-            start_local_ray(ray, cfg.ray.num_cpus)
-    return ray
+def reusable_plan(fs, layout: Layout, plan_id: str) -> Plan | None:
+    """The stored plan if it was made from this input with these settings (an older dgbatch's plan is made
+    again)."""
+    manifest = _read_manifest(fs, layout)
+    if (manifest is not None and manifest.get("fingerprint") == plan_id
+            and manifest.get("shard_format") == SHARD_FORMAT):
+        return Plan.from_dict(manifest)
+    return None
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def _keeping_stop_handlers():
-    """Keep this process's SIGINT / SIGTERM handlers (the CLI's clean stop) across `ray.init`, which replaces
-    SIGTERM's twice: with `sys.exit` in Python, then with its C++ failure handler, which aborts (exit 134)."""
-    main = threading.current_thread() is threading.main_thread()
-    kept = {s: signal.getsignal(s) for s in STOP_SIGNALS} if main else {}
-    try:
-        yield
-    finally:
-        for sig, handler in kept.items():
-            if handler is not None:
-                signal.signal(sig, handler)
-
-
-def check_shared_output(ray, cfg: JobConfig) -> None:
-    """Every node's replicas write under output.path: on a multi-node cluster a local path must be storage all
-    of them mount (output.shared_filesystem), or each node would keep its own part of the output."""
-    if "://" in cfg.output.path and not cfg.output.path.startswith("file://") or cfg.output.shared_filesystem:
-        return
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1:
-        raise ConfigError(f"output.path {cfg.output.path!r} is a local path, but the Ray cluster has {len(nodes)} "
-                          f"nodes: each node's replicas would write to their own disk. Use an s3:// output.path, or "
-                          f"set output.shared_filesystem=true if every node mounts this path")
-
-
-LOCAL_HOST = "127.0.0.1"
-
-
-def start_local_ray(ray, num_cpus: int | None, log_to_driver: bool = True) -> None:
-    """A Ray for this machine alone: every process it starts (GCS, raylet, workers, dashboard agent,
-    runtime-env agent) listens on 127.0.0.1 only.
-
-    Ray binds its gRPC servers to 127.0.0.1 exactly when the node's IP is 127.0.0.1, but `ray.init`
-    turns a 127.0.0.1 `_node_ip_address` into the machine's address unless Ray is in its single-machine
-    mode (`ray_constants.ENABLE_RAY_CLUSTER` false, as on macOS and Windows). That switch is set only
-    while this node starts, so nothing else in the process (a `ray start` it runs later) inherits it.
-    scripts/local_ray_sockets.py and tests/test_local_ray.py list the sockets of what Ray started.
-    """
-    from ray._private import ray_constants
-
-    # Ray turns token auth on for a new local cluster (good) and says so on every run (noise): keep the
-    # protection, drop that one line. Its other auth messages (e.g. auth turned off) still show.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenAuthNotice())
-    before = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host=LOCAL_HOST, _node_ip_address=LOCAL_HOST,
-                 log_to_driver=log_to_driver)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = before
-
-
-class _TokenAuthNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+def remaining(fs, layout: Layout, plan: Plan) -> tuple[list[ShardMeta], set[str]]:
+    """(shards still to run, ids of the committed ones), committed as checked (`commits.verify`), not assumed
+    from a file's name."""
+    committed = commits.verify(fs, layout, plan.fingerprint, plan.shard_rows()).shards
+    return [s for s in plan.shards if s.shard_id not in committed], committed
 
 
 def make_plan(
     ray, cfg: JobConfig, fs, layout: Layout, model_dir, max_prompt: int, inp: InputPlan | None = None,
     identity: dict[str, Any] | None = None, tokenizer=None,
 ) -> Plan:
-    """The stored plan if it was made from this input with these settings, else a new one (Ray tasks)."""
+    """The stored plan if it was made from this input with these settings, else a new one. One input
+    fragment is planned in this process, several in Ray tasks. `ray`: the ray module, a callable returning
+    it once Ray is up (planning can then start before Ray has), or None (every fragment in this process)."""
     inp = inp or inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows)
     identity = identity if identity is not None else cfg.identity({"model.max_prompt_tokens": max_prompt})
     plan_id = fingerprint_of(plan_identity(identity, inp))
-    manifest = _read_manifest(fs, layout)
-    if (manifest is not None and manifest.get("fingerprint") == plan_id
-            and manifest.get("shard_format") == SHARD_FORMAT):  # an older dgbatch's plan is made again
-        plan = Plan.from_dict(manifest)
+    plan = reusable_plan(fs, layout, plan_id)
+    if plan is not None:
         log.info("reusing plan: %d shards, %d rows", len(plan.shards), plan.num_rows)
         return plan
     t0 = time.time()
@@ -440,6 +402,8 @@ def _plan_fragments(ray, cfg: JobConfig, inp: InputPlan, args: tuple) -> list[Sh
     """
     frags = inp.fragments
     local = ray is None or len(frags) == 1
+    if not local and callable(ray):  # Ray is starting beside the planning: wait for it only now
+        ray = ray()
     if not cfg.input.id_column:
         if local:
             results = [plan_fragment(cfg, f, *args) for f in frags]
@@ -477,11 +441,15 @@ def _refuse_duplicate_ids(cfg: JobConfig, inp: InputPlan, pairs: list) -> None:
 # ---- the run ---------------------------------------------------------------------------------------
 
 
-def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}) -> int:
-    """Run (or resume) the job; returns the process exit code. `extra_columns`: input columns a job
-    built on this one needs (column -> the config key naming it), checked with the others up front."""
+def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaPool | None = None) -> int:
+    """Run (or resume) the job; returns the process exit code. On `pool` (its replicas, model loaded,
+    shared with other jobs of the same model and engine), or on replicas started for this job alone.
+    `extra_columns`: input columns a job built on this one needs (column -> the config key naming it),
+    checked with the others up front."""
     redact.install(cfg)
     t_start = time.time()
+    if pool is not None:
+        pool.check(cfg)
 
     # 1. Cheap checks, before Ray or any model (check_job), and a finished job whose outputs check out.
     job = check_job(cfg, extra_columns)
@@ -491,42 +459,136 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}) -> int:
         done = read_json(fs, layout.success) or {}
         print(f"nothing to do: the job at {cfg.output.path} is already complete ({done.get('rows', '?')} rows)")
         return EXIT_OK
+    t_checked = time.time()
 
-    # 2. Plan (or reuse the plan of an interrupted run), then see what is already committed (checked).
-    ray = init_ray(cfg)
-    check_shared_output(ray, cfg)
-    plan = make_plan(ray, cfg, fs, layout, job.model_dir, job.max_prompt, job.inp, job.identity, job.tokenizer)
-    committed = commits.verify(fs, layout, plan.fingerprint, plan.shard_rows()).shards
-    todo = [s for s in plan.shards if s.shard_id not in committed]
-    progress = Progress(plan.num_rows)
-    progress.done_rows = sum(s.rows for s in plan.shards if s.shard_id in committed)
-    base_rows = progress.done_rows
-    if committed:
-        print(f"resuming: {len(committed)} of {len(plan.shards)} shards already committed, {len(todo)} to run")
-
-    # 3. Replicas pull shards from one queue; a dead replica's shard goes back on it.
-    clear_failures(fs, layout)  # last run's failures are retried now; this run records its own
+    # 2. Plan while Ray and the replicas start and load the model, or reuse the plan of an interrupted
+    #    run (when its committed shards, checked, leave nothing to run: start neither).
+    reused = reusable_plan(fs, layout, fingerprint_of(plan_identity(job.identity, job.inp)))
+    left = remaining(fs, layout, reused) if reused is not None else None
+    ray_up = threading.Event()
+    started: dict = {}
+    planning = None
+    if reused is None:
+        planning = Background(lambda: make_plan(lambda: ray_up.wait() and started["pool"].ray, cfg, fs, layout,
+                                                job.model_dir, job.max_prompt, job.inp, job.identity, job.tokenizer),
+                              "dgbatch-plan")
+    own = pool is None
+    fresh = False  # the pool's start-up is this job's: it started the pool (its own, or a shared one not yet up)
     failed: dict[str, str] = {}
-    retries: Counter[str] = Counter()  # this run's: shard attempts requeued, storage retries by kind
-    if todo:
-        meta = job_meta(cfg, job.params, plan, job.fingerprint)
+    encoding: dict | None = None
+    retries: Counter[str] = Counter()  # this run's: shard attempts run again, storage retries by kind
+    try:
         try:
-            failed = schedule(ray, cfg, layout, meta, todo, progress, base_rows, retries)
-        except StorageUnavailable as e:  # nothing more can be committed: stop now, keep what is
-            raise StorageUnavailable(
-                f"{e.line()}. The job stopped early: {progress.done_rows:,} of {plan.num_rows:,} rows are committed "
-                f"and kept; rerun the same command once the storage answers") from None
-        except KeyboardInterrupt as e:  # SIGINT / SIGTERM: replicas are stopped; say so in the summary
-            _note_stop_signals_only()
-            signum = stop_signal() or (e.args[0] if e.args and e.args[0] in STOP_SIGNALS else signal.SIGINT)
-            name = signal.Signals(signum).name
-            finish(fs, layout, plan, {}, t_start, len(todo), cfg=cfg, done_before=committed, retries=retries,
-                   interrupted=name)
-            raise
+            if left is None or left[0]:
+                started["pool"] = pool = pool or ReplicaPool(cfg, start=False)
+                fresh = not pool.started
+                pool.start()
+                check_shared_output(pool.ray, cfg)
+        finally:
+            ray_up.set()
+        if planning is not None:
+            plan = planning.result()
+            left = remaining(fs, layout, plan)
+        else:
+            plan = reused
+        t_planned = time.time()
+        todo, committed = left
+        progress = Progress(plan.num_rows)
+        progress.done_rows = sum(s.rows for s in plan.shards if s.shard_id in committed)
+        base_rows = progress.done_rows
+        if committed:
+            print(f"resuming: {len(committed)} of {len(plan.shards)} shards already committed, {len(todo)} to run")
+
+        # 3. Replicas pull shards from one queue; a dead replica's shards go back on it.
+        clear_failures(fs, layout)  # last run's failures are retried now; this run records its own
+        if todo:
+            context = JobContext(cfg.output.path, layout.root, job_meta(cfg, job.params, plan, job.fingerprint),
+                                 cfg.input.id_column, job.params, plan.longest_prompt, cfg.storage,
+                                 OutputFilter.of(cfg.output), cfg.input)
+            before = (0, 0) if own else _prompt_encoding(pool.stats())  # a shared pool's earlier jobs
+
+            def committed_one(shard: str, stats: dict) -> None:
+                progress.committed(shard, stats)
+                retries.update(stats.get("storage_retries") or {})
+
+            try:
+                failed = pool.run(context, todo, on_done=committed_one, on_rows=progress.running,
+                                  every_round=lambda: progress.maybe_print(base_rows))
+            except StorageUnavailable as e:  # nothing more can be committed: stop now, keep what is
+                raise StorageUnavailable(
+                    f"{e.line()}. The job stopped early: {progress.done_rows:,} of {plan.num_rows:,} rows are "
+                    f"committed and kept; rerun the same command once the storage answers") from None
+            except KeyboardInterrupt as e:  # SIGINT / SIGTERM: stop the replicas, say so in the summary
+                _note_stop_signals_only()
+                if own:
+                    pool.close()
+                signum = stop_signal() or (e.args[0] if e.args and e.args[0] in STOP_SIGNALS else signal.SIGINT)
+                retries["shard_attempts"] += sum(pool.scheduler.attempts.values())
+                finish(fs, layout, plan, {}, t_start, len(todo), cfg=cfg, done_before=committed, retries=retries,
+                       interrupted=signal.Signals(signum).name)
+                raise
+            retries["shard_attempts"] += sum(pool.scheduler.attempts.values())
+            after = _prompt_encoding(pool.stats())
+            encoding = {"prompt_tokens": after[0] - before[0], "encoded_prompt_tokens": after[1] - before[1]}
+            print(progress.line(base_rows), flush=True)
+            if fresh:  # (a shared pool started before this job: its start-up is not this job's)
+                _log_start_up(t_start, t_checked, t_planned, pool)
+        if failed:
+            lost = sum(s.rows for s in todo if s.shard_id in failed)
+            log.error("%d shard(s) (%d rows) failed: %s", len(failed), lost, ", ".join(sorted(failed)))
+    finally:
+        if own and "pool" in started:
+            started["pool"].close()
     record_failures(fs, layout, failed)
 
     # 4. Summary over all committed shards, this run's and earlier ones'.
-    return finish(fs, layout, plan, failed, t_start, len(todo), cfg=cfg, done_before=committed, retries=retries)
+    return finish(fs, layout, plan, failed, t_start, len(todo), cfg=cfg, done_before=committed,
+                  prompt_encoding=encoding, retries=retries)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _note_stop_signals_only() -> None:
+    """A second Ctrl-C while a stopped job writes its summary must not cut it short (it is only noted)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda signum, frame: note_stop_signal(signum))
+
+
+def check_shared_output(ray, cfg: JobConfig) -> None:
+    """Every node's replicas write under output.path: on a multi-node cluster a local path must be storage all
+    of them mount (output.shared_filesystem), or each node would keep its own part of the output."""
+    if "://" in cfg.output.path and not cfg.output.path.startswith("file://") or cfg.output.shared_filesystem:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        raise ConfigError(f"output.path {cfg.output.path!r} is a local path, but the Ray cluster has {len(nodes)} "
+                          f"nodes: each node's replicas would write to their own disk. Use an s3:// output.path, or "
+                          f"set output.shared_filesystem=true if every node mounts this path")
+
+
+def _prompt_encoding(stats: list[dict]) -> tuple[int, int]:
+    """(prompt tokens, prompt tokens encoded) over the replicas' stream stats (`StreamStats`)."""
+    return (sum(s.get("prompt_tokens", 0) for s in stats), sum(s.get("encoded_prompt_tokens", 0) for s in stats))
+
+
+def _log_start_up(t_start: float, t_checked: float, t_planned: float, pool: ReplicaPool) -> None:
+    """Where the job's start-up went, from the driver process's start to its first generated row."""
+    from dgbatch.replica import process_start
+
+    t0 = process_start() or t_start
+    stats = [s for s in pool.stats() if s.get("first_row_at")]
+    if not stats:
+        return
+    first = min(stats, key=lambda s: s["first_row_at"])
+    rel = lambda t: f"{t - t0:.1f}" if t else "?"
+    log.info("start-up (s since the driver started): checks done %s, Ray up %s (ray.init %.1f s), plan ready %s; "
+             "replica: process %s, actor init %s, model loaded %s (imports %.1f s, load %.1f s), first step %s, "
+             "first row %s", rel(t_checked), rel(pool.timings["ray_up_at"]), pool.timings["ray_init_s"], rel(t_planned),
+             rel(first.get("process_start")), rel(first.get("init_at")), rel(first.get("ready_at")),
+             first.get("imports_s", 0), first.get("model_load_s", 0), rel(first.get("first_step_at")),
+             rel(first.get("first_row_at")))
 
 
 def already_complete(job: CheckedJob) -> bool:
@@ -566,199 +628,19 @@ def record_failures(fs, layout: Layout, failed: dict[str, str]) -> None:
             return
 
 
-@dataclass
-class _Call:
-    """Refs of one request to one replica: a shard (one ref per rank), a readiness probe or a start."""
-
-    replica: int
-    kind: str  # "shard" | "probe" | "start"
-    shard: str | None
-    refs: list
-    started: float = field(default_factory=time.time)
-    pending: int = 0
-    result: dict | None = None
-    error: Exception | None = None  # a failure that left the group in step (the leader's GroupStillInStep)
-
-    def __post_init__(self) -> None:
-        self.pending = len(self.refs)
-
-
-def schedule(ray, cfg: JobConfig, layout: Layout, meta: dict, todo: list[ShardMeta], progress: Progress,
-             base_rows: int, retries: Counter | None = None) -> dict[str, str]:
-    """Run `todo` on replicas; returns the failed shards (id -> reason). `retries` gathers the shard
-    attempts requeued ("shard_attempts") and the replicas' storage retries by kind. A shard whose storage
-    kept failing (StorageUnavailable) stops the job: raised, replicas killed."""
-    from dgbatch.placement import make_replicas
-    from dgbatch.replica import GroupStillInStep
-
-    r = cfg.replicas
-    run_id = uuid.uuid4().hex[:8]
-    replicas = make_replicas(ray, cfg, layout.root, meta, run_id)
-    if cfg.parallel.world_size > 1:
-        print(f"starting {len(replicas)} replica group(s) of {replicas[0].describe()} "
-              f"(actors replica-N-gG-{run_id}-rankR, namespace dgbatch)", flush=True)
-    else:
-        print(f"starting {len(replicas)} replica(s) (names replica-N-{run_id}, namespace dgbatch)", flush=True)
-    queue = deque(s.shard_id for s in todo)
-    rows_of = {s.shard_id: s.rows for s in todo}
-    attempts: Counter[str] = Counter()
-    retries = Counter() if retries is None else retries
-    failed: dict[str, str] = {}
-    inflight: dict = {}  # ref -> _Call
-    idle: list[int] = []
-    probe_at: dict[int, float] = {}  # restarting single replicas: when to ask again whether they are back
-    probe_failures: Counter[int] = Counter()
-    start_failures: Counter[int] = Counter()  # replica groups: consecutive starts that failed
-    last_actor_error = ""
-    actor_errors = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-
-    def submit(a: int, kind: str, shard: str | None, refs: list) -> None:
-        call = _Call(a, kind, shard, refs)
-        for ref in refs:
-            inflight[ref] = call
-
-    def start(a: int) -> None:
-        refs = replicas[a].start()
-        if refs:
-            submit(a, "start", None, refs)
-        else:
-            idle.append(a)
-
-    def tear_down(call: _Call, err: Exception) -> None:
-        """A group failed: drop its refs, kill every rank and the placement group, start a new one."""
-        nonlocal last_actor_error
-        a = call.replica
-        for ref in call.refs:
-            inflight.pop(ref, None)
-        replicas[a].kill()
-        last_actor_error = _brief(err)
-        if call.shard is not None:
-            _retry_or_fail(call.shard, err, attempts, failed, queue, r.max_shard_attempts)
-        start_failures[a] = start_failures[a] + 1 if call.kind == "start" else 0
-        if start_failures[a] >= MAX_GROUP_STARTS:
-            log.error("replica group %d failed to start %d times in a row; dropping it (last: %s)", a,
-                      MAX_GROUP_STARTS, last_actor_error)
-            return
-        log.warning("replica group %d torn down (%s); starting a new one", a, last_actor_error)
-        start(a)
-
-    for a in range(len(replicas)):
-        start(a)
-    try:
-        while queue or any(c.kind == "shard" for c in inflight.values()):
-            now = time.time()
-            for a, at in list(probe_at.items()):
-                if at <= now:
-                    del probe_at[a]
-                    submit(a, "probe", None, replicas[a].probe())
-            for call in {id(c): c for c in inflight.values()}.values():
-                if call.kind == "start" and now - call.started > cfg.parallel.startup_timeout_s:
-                    tear_down(call, TimeoutError(
-                        f"replica group {call.replica} ({replicas[call.replica].describe()}) was not up "
-                        f"{cfg.parallel.startup_timeout_s:g} s after it was created: not enough resources for its "
-                        f"placement group, or a slow model load (parallel.startup_timeout_s)"))
-            while queue and idle:
-                a, sid = idle.pop(0), queue.popleft()
-                submit(a, "shard", sid, replicas[a].run(sid))
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)  # short: Ctrl-C stays prompt
-            for ref in ready:
-                call = inflight.pop(ref, None)
-                if call is None:  # its group was torn down meanwhile
-                    continue
-                a, sid = call.replica, call.shard
-                try:
-                    value = ray.get(ref)
-                except (*actor_errors, ray.exceptions.RayTaskError) as e:
-                    if isinstance(root_cause(e), StorageUnavailable):
-                        raise root_cause(e) from None
-                    if not replicas[a].restartable:
-                        cause = getattr(e, "cause", None)
-                        if call.kind == "shard" and isinstance(cause, GroupStillInStep) and ref is call.refs[0]:
-                            call.error, call.pending = e, call.pending - 1  # wait for the other ranks' returns
-                        else:
-                            tear_down(call, e)
-                            continue
-                    else:
-                        if isinstance(e, actor_errors):  # dead or restarting: wait until Ray has it back
-                            probe_failures[a] += sid is None
-                            last_actor_error = redact.scrub(str(e).strip().splitlines()[-1][:500])
-                            if probe_failures[a] < MAX_PROBES:
-                                probe_at[a] = time.time() + 1.0
-                            else:
-                                log.error("replica %d did not come back after %d probes; dropping it", a, MAX_PROBES)
-                        else:
-                            idle.append(a)
-                        if sid is not None:
-                            _retry_or_fail(sid, e, attempts, failed, queue, r.max_shard_attempts)
-                        continue
-                else:
-                    call.pending -= 1
-                    if ref is call.refs[0]:
-                        call.result = value
-                if call.pending:
-                    continue
-                probe_failures[a] = 0
-                if call.kind == "start":
-                    start_failures[a] = 0
-                idle.append(a)
-                if call.kind == "shard":
-                    if call.error is not None:
-                        _retry_or_fail(sid, call.error, attempts, failed, queue, r.max_shard_attempts)
-                    else:
-                        progress.add(call.result)
-                        retries.update(call.result.get("storage_retries") or {})
-            if queue and not (idle or inflight or probe_at):  # every replica is gone
-                for sid in queue:
-                    failed[sid] = f"no replica left to run it; last replica error: {last_actor_error}"
-                queue.clear()
-            if time.time() - progress.last_print >= 5.0:
-                progress.last_print = time.time()
-                print(progress.line(base_rows), flush=True)
-        print(progress.line(base_rows), flush=True)
-    finally:
-        for replica in replicas:
-            replica.kill()
-        retries["shard_attempts"] += sum(attempts.values())
-    if failed:
-        lost = sum(rows_of[s] for s in failed)
-        log.error("%d shard(s) (%d rows) failed: %s", len(failed), lost, ", ".join(sorted(failed)))
-    return failed
-
-
-def _note_stop_signals_only() -> None:
-    """A second Ctrl-C while a stopped job writes its summary must not cut it short (it is only noted)."""
-    if threading.current_thread() is threading.main_thread():
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, lambda signum, frame: note_stop_signal(signum))
-
-
-def _brief(err: Exception) -> str:
-    """An error in one scrubbed line for logs and failure records: its type and its message's last line."""
-    return redact.scrub(f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}")
-
-
-def _retry_or_fail(sid: str, err: Exception, attempts: Counter, failed: dict, queue: deque, limit: int) -> None:
-    attempts[sid] += 1
-    reason = _brief(err)
-    if attempts[sid] >= limit:
-        failed[sid] = f"failed {attempts[sid]} attempts; last: {reason}"
-        log.error("shard %s failed for good: %s", sid, reason)
-    else:
-        log.warning("shard %s attempt %d failed (%s); requeued", sid, attempts[sid], reason)
-        queue.append(sid)
-
-
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: float, ran: int, *,
-           cfg: JobConfig | None = None, done_before: Collection[str] = (), retries: Mapping[str, int] = {},
-           interrupted: str | None = None) -> int:
+           cfg: JobConfig | None = None, done_before: Collection[str] = (), prompt_encoding: dict | None = None,
+           retries: Mapping[str, int] = {}, interrupted: str | None = None) -> int:
     """Summarise every committed shard (checked, not trusted); `_SUCCESS` only when all of them check out.
-    `done_before`: the shards committed before this run, left out of this run's throughput. `retries`:
-    this run's (see `schedule`); the driver's own storage retries are added here. `interrupted`: the
-    signal that stopped the run (the summary says so; no `_SUCCESS`, and the CLI has the last word).
+    `done_before`: the shards committed before this run, left out of this run's throughput.
+    `prompt_encoding`: this run's prompt tokens and those the engine's encoder computed
+    (`engine.share_prefixes`), over its replicas. `retries`: this run's shard attempts run again and the
+    replicas' storage retries (the driver's own are added here). `interrupted`: the signal that stopped
+    the run (the summary says so; no `_SUCCESS`, and the CLI has the last word).
 
     A storage that refuses the summary or `_SUCCESS` is reported on one line (the summary still printed),
     and the job is not complete: exit 1, and a rerun finishes it.
@@ -812,6 +694,10 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
                                            "backend": cfg.engine.backend},
         "dgbatch_version": __version__,
     }
+    if prompt_encoding and prompt_encoding["prompt_tokens"] > 0:
+        summary["prompt_encoding"] = {**prompt_encoding, "ratio": round(
+            prompt_encoding["encoded_prompt_tokens"] / prompt_encoding["prompt_tokens"], 4),
+            "over": "this run: prompt tokens the engine's encoder computed / prompt tokens it admitted"}
     unwritten = _write_end_file(fs, layout.summary, summary)
     print("summary: " + redact.scrub(_fmt(summary)) + f"; output in {redact.scrub(layout.url(fs))}/data/")
     if interrupted:

@@ -18,16 +18,10 @@ from dgbatch import checkpoint
 from dgbatch.config import JobConfig
 from dgbatch.driver import resolved_fingerprint
 from dgbatch.planning.buckets import padded_positions
-from dgbatch.planning.planner import (
-    ERROR_BUCKET,
-    assign_shards,
-    bucket_edges,
-    input_rows_per_shard,
-    report_batch_size,
-    tokenize_fragment,
-)
+from dgbatch.planning.planner import ERROR_BUCKET, assign_shards, bucket_edges, input_rows_per_shard, tokenize_fragment
 from dgbatch.planning.prompts import PromptEncoder
 from dgbatch.planning.source import inspect_input
+from dgbatch.sizing import planned_batch_size
 from dgbatch.status import reason_kind
 from dgbatch.vision import image_tokens
 
@@ -53,7 +47,7 @@ def plan_report(cfg: JobConfig, calibrate_rows: int | None = None) -> dict:
     edges = bucket_edges(cfg, inp, tokenizer, max_prompt)
     encoder = PromptEncoder(tokenizer, max_prompt, system_prompt=cfg.input.system_prompt,
                             image_tokens=image_tokens(model_dir))
-    batch = report_batch_size(cfg)
+    batch = planned_batch_size(cfg.engine)
     rng = random.Random(0)
     col = cfg.input.prompt_column or cfg.input.messages_column  # None: input.template renders the prompt
     n = cfg.sampling.num_samples  # each input row is planned n times (its samples share a shard)
@@ -178,13 +172,14 @@ def _calibrate(cfg: JobConfig, model_dir, params, tokenizer, pool, rows: int | N
         why = "--calibrate-rows 0" if rows == 0 else "no rows to generate"
         return {"method": f"none ({why}): no model was loaded"}
     from dgbatch.generation import Request
-    from dgbatch.replica import batch_size, build_backend
+    from dgbatch.replica import Backends
+    from dgbatch.sizing import batch_size
 
     t_load = time.time()
     model = checkpoint.load_model(model_dir, cfg.model)
     pad_id, eos_ids = checkpoint.special_ids(model_dir, tokenizer)
-    batch = batch_size(cfg, model, params)
-    backend = build_backend(cfg, model, params, pad_id, eos_ids, batch)
+    batch = batch_size(cfg.engine, model, params, max(len(ids) for _, ids in pool))  # as a replica sizes it
+    backend = Backends(cfg, model, pad_id, eos_ids).build(params, batch)
     load_s = time.time() - t_load
     n = min(rows or min(batch, MAX_CALIBRATE), len(pool))
     sample = random.Random(1).sample(pool, n)

@@ -1,63 +1,186 @@
-"""How replicas are placed on the Ray cluster, as the driver sees them.
+"""Replicas on the Ray cluster, behind the handles the scheduler drives (`dgbatch.scheduler`).
 
-- `SingleReplica`: one actor (tp_size = ep_size = 1), spread over the cluster's nodes (a node lost takes
-  as few replicas with it as can be). Ray restarts it when it dies (max_restarts=-1), on any node with
-  room; the driver probes it until it answers again.
+- `SingleReplica`: one actor (tp_size = ep_size = 1). Ray restarts it when it dies
+  (max_restarts=-1); the handle probes it until it answers again (then `Up`).
 - `ReplicaGroup`: tp_size x ep_size rank actors gang-scheduled in one placement group (one bundle
   per rank: replicas.num_cpus CPUs, replicas.num_gpus GPUs, the accelerator type). Ranks are never
-  restarted one by one: a process group cannot take a new member, so any failure tears the whole
-  group down (every actor and the placement group) and the driver starts a new one.
+  restarted one by one: a process group cannot take a new member, so any failure of the group tears
+  it down whole (every actor and the placement group) and the handle starts a new one.
 
-A handle's methods return object refs; the driver's loop waits on them.
+Each handle knows its kind's protocol (which call is the leader's, what a failure means) and turns
+Ray's results into the scheduler's outcomes: a shard that failed on its own (`Retry`: the replica is
+fine) against a replica that lost everything it held (`Restarting`, or `Gone` when it will not come
+back). Both kinds are threaded actors: the driver keeps several shards in flight on a replica (its
+stream runs them through one engine, `dgbatch.stream`) and polls its per-shard row counts.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
+from dgbatch import redact
 from dgbatch.config import JobConfig
+from dgbatch.scheduler import Done, Gone, Outcome, Restarting, Retry, Rows, Up
+
+log = logging.getLogger("dgbatch")
 
 NAMESPACE = "dgbatch"
+MAX_PROBES = 120  # ~2 minutes of 1-second readiness probes before a restarting replica is given up
+MAX_GROUP_STARTS = 3  # consecutive failed starts (placement, rendezvous, model load) before a group is dropped
+MAX_SHARDS_IN_FLIGHT = 16  # per replica; its actor runs that many shard calls at once, plus control calls
+PROGRESS_EVERY_S = 1.0  # how often a replica holding shards is asked for their finished rows
+
+
+def brief(err: BaseException) -> str:
+    """An error in one scrubbed line for logs and failure records: its type and its message's last line."""
+    return redact.scrub(f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}")
+
+
+def _cause(err: BaseException) -> BaseException:
+    return getattr(err, "cause", None) or err
+
+
+class _Calls:
+    """The refs a handle waits on: ref -> (kind, shard or rank)."""
+
+    def __init__(self):
+        self.refs: dict = {}
+
+    def add(self, ref, kind: str, what=None) -> None:
+        self.refs[ref] = (kind, what)
+
+    def ready(self, ready: set) -> list:
+        out = [(ref, *self.refs.pop(ref)) for ref in list(self.refs) if ref in ready]
+        return out
+
+    def clear(self) -> None:
+        self.refs.clear()
+
+    def has(self, kind: str) -> bool:
+        return any(k == kind for k, _ in self.refs.values())
 
 
 class SingleReplica:
-    restartable = True  # Ray brings the actor back; its calls fail meanwhile
+    """One `Replica` actor, created (and loading its model) at once."""
 
-    def __init__(self, ray, index: int, run_id: str, cfg: JobConfig, root: str, meta: dict):
+    def __init__(self, ray, index: int, run_id: str, cfg: JobConfig):
         from dgbatch.replica import Replica
 
         r = cfg.replicas
         self.ray = ray
+        self.index = index
         self.name = f"replica-{index}-{run_id}"
         self.actor = ray.remote(Replica).options(
             name=self.name, num_cpus=r.num_cpus, num_gpus=r.num_gpus, accelerator_type=r.accelerator_type,
-            max_restarts=-1, max_task_retries=0, namespace=NAMESPACE, scheduling_strategy="SPREAD",
-        ).remote(cfg, root, meta)  # fmt: skip
+            max_restarts=-1, max_task_retries=0, namespace=NAMESPACE, max_concurrency=MAX_SHARDS_IN_FLIGHT + 4,
+            scheduling_strategy="SPREAD",  # a node lost takes as few replicas with it as can be
+        ).remote(cfg)  # fmt: skip
+        self.calls = _Calls()
+        self.probe_at: float | None = None
+        self.probe_failures = 0
+        self.progress_at = 0.0
+        self.timings: dict | None = None
 
-    def start(self) -> list:
-        return []  # calls queue behind the actor's __init__: usable at once
+    def start(self) -> None:
+        self.calls.add(self.actor.ready.remote(), "ready")
 
-    def run(self, shard_id: str) -> list:
-        return [self.actor.run_shard.remote(shard_id)]
+    def submit(self, shard: str, job) -> None:
+        self.calls.add(self.actor.run_shard.remote(shard, job), "shard", shard)
 
-    def probe(self) -> list:
-        return [self.actor.ready.remote()]
+    def waitables(self) -> list:
+        return list(self.calls.refs)
+
+    def collect(self, ready: set, now: float) -> list[Outcome]:
+        out: list[Outcome] = []
+        lost: list[Outcome] | None = None  # after a loss the other calls in flight died with it
+        for ref, kind, shard in self.calls.ready(ready):
+            try:
+                value = self.ray.get(ref)
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError) as e:
+                if lost is None:
+                    lost = self._lost(e, now, probing=kind == "probe")
+                continue
+            except self.ray.exceptions.RayTaskError as e:
+                _stop_if_storage_is_down(e)
+                if kind == "shard" and not _is_broken(e):
+                    out.append(Retry(shard, brief(_cause(e))))
+                elif lost is None:
+                    self.ray.kill(self.actor, no_restart=False)  # its loop died: Ray brings it back fresh
+                    lost = self._lost(e, now)
+                continue
+            if kind == "shard":
+                out.append(Done(shard, value))  # committed, whatever happened to the actor since
+            elif kind in ("ready", "probe") and lost is None:
+                self.probe_failures = 0
+                self.timings = self.timings or value
+                out.append(Up())
+            elif kind == "progress" and lost is None:
+                out += [Rows(s, n) for s, n in value.items()]
+        if lost is not None:
+            return out + lost
+        if self.probe_at is not None and self.probe_at <= now:
+            self.probe_at = None
+            self.calls.add(self.actor.ready.remote(), "probe")
+        if self.calls.has("shard") and not self.calls.has("progress") and now >= self.progress_at:
+            self.progress_at = now + PROGRESS_EVERY_S
+            self.calls.add(self.actor.progress.remote(), "progress")
+        return out
+
+    def _lost(self, err: BaseException, now: float, probing: bool = False) -> list[Outcome]:
+        """The actor died or is restarting: everything in flight is lost; probe until it is back."""
+        self.calls.clear()
+        self.probe_failures += probing
+        if self.probe_failures >= MAX_PROBES:
+            log.error("replica %d did not come back after %d probes; dropping it", self.index, MAX_PROBES)
+            self.probe_at = None
+            return [Gone(brief(err))]
+        self.probe_at = now + 1.0
+        return [] if probing else [Restarting(brief(err))]
+
+    def stats(self):
+        return self.actor.stats.remote()
 
     def kill(self) -> None:
         self.ray.kill(self.actor)
 
+    def describe(self) -> str:
+        return self.name
+
+
+def _stop_if_storage_is_down(err: BaseException) -> None:
+    """A shard whose storage kept failing after its retries (StorageUnavailable) stops the job: raised, so no
+    more shards are generated into commits that cannot happen."""
+    from dgbatch.io.fs import StorageUnavailable
+
+    if isinstance(_cause(err), StorageUnavailable):
+        raise _cause(err) from None
+
+
+def _is_broken(err: BaseException) -> bool:
+    from dgbatch.stream import StreamBroken
+
+    return isinstance(_cause(err), StreamBroken)
+
 
 class ReplicaGroup:
-    restartable = False
+    """tp_size x ep_size `ReplicaRank` actors in one placement group; rank 0 leads (takes the shards)."""
 
-    def __init__(self, ray, index: int, run_id: str, cfg: JobConfig, root: str, meta: dict):
+    def __init__(self, ray, index: int, run_id: str, cfg: JobConfig):
         from dgbatch.replica import ReplicaRank
 
-        self.ray, self.index, self.run_id = ray, index, run_id
-        self.cfg, self.root, self.meta = cfg, root, meta
+        self.ray, self.index, self.run_id, self.cfg = ray, index, run_id, cfg
         self.world = cfg.parallel.world_size
         self.cls = ray.remote(ReplicaRank)
         self.generation = 0
         self.actors: list = []
         self.pg = None
+        self.calls = _Calls()
+        self.setups_left = 0
+        self.started_at = 0.0
+        self.start_failures = 0  # consecutive starts that failed
+        self.progress_at = 0.0
+        self.timings: dict | None = None
 
     @property
     def name(self) -> str:
@@ -70,8 +193,8 @@ class ReplicaGroup:
             b[f"accelerator_type:{r.accelerator_type}"] = 0.001  # what Ray's accelerator_type option asks for
         return {k: v for k, v in b.items() if v}
 
-    def start(self) -> list:
-        """A new placement group and rank actors; returns one setup ref per rank (ready when all are)."""
+    def start(self) -> None:
+        """A new placement group and rank actors; every rank's setup (join, load, shard the model) starts."""
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -82,21 +205,83 @@ class ReplicaGroup:
         self.actors = [
             self.cls.options(
                 name=f"{self.name}-rank{rank}", namespace=NAMESPACE, num_cpus=r.num_cpus, num_gpus=r.num_gpus,
-                max_restarts=0, max_task_retries=0,
+                max_restarts=0, max_task_retries=0, max_concurrency=MAX_SHARDS_IN_FLIGHT + 4 if rank == 0 else 2,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-            ).remote(self.cfg, self.root, self.meta, rank)
+            ).remote(self.cfg, rank)
             for rank in range(self.world)
         ]  # fmt: skip
         address = self.actors[0].rendezvous.remote()  # resolved by Ray before any setup runs
-        return [a.setup.remote(address) for a in self.actors]
+        for rank, a in enumerate(self.actors):
+            self.calls.add(a.setup.remote(address), "setup", rank)
+        self.setups_left = self.world
+        self.started_at = time.time()
 
-    def run(self, shard_id: str) -> list:
-        """Every rank runs the shard; the first ref (the leader's) carries its stats."""
-        return [a.run_shard.remote(shard_id) for a in self.actors]
+    def submit(self, shard: str, job) -> None:
+        self.calls.add(self.actors[0].run_shard.remote(shard, job), "shard", shard)
+
+    def waitables(self) -> list:
+        return list(self.calls.refs)
+
+    def collect(self, ready: set, now: float) -> list[Outcome]:
+        out: list[Outcome] = []
+        for ref, kind, what in self.calls.ready(ready):
+            try:
+                value = self.ray.get(ref)
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError,
+                    self.ray.exceptions.RayTaskError) as e:
+                _stop_if_storage_is_down(e)
+                if kind == "shard" and isinstance(e, self.ray.exceptions.RayTaskError) and not _is_broken(e):
+                    out.append(Retry(what, brief(_cause(e))))  # read or commit failed: every rank is still in step
+                    continue
+                if kind == "progress":
+                    continue  # the shard calls say what happened
+                return out + self._tear_down(e, starting=kind == "setup")
+            if kind == "setup":
+                self.setups_left -= 1
+                if what == 0:
+                    self.timings = value
+                if not self.setups_left:  # every rank is up: followers enter the lockstep loop
+                    for rank, a in enumerate(self.actors[1:], start=1):
+                        self.calls.add(a.follow.remote(), "follow", rank)
+                    self.start_failures = 0
+                    out.append(Up())
+            elif kind == "follow":  # a follower left the loop: the group is out of step
+                return out + self._tear_down(RuntimeError(f"rank {what} stopped following its leader"))
+            elif kind == "shard":
+                out.append(Done(what, value))
+            elif kind == "progress":
+                out += [Rows(s, n) for s, n in value.items()]
+        if self.setups_left and now - self.started_at > self.cfg.parallel.startup_timeout_s:
+            return out + self._tear_down(TimeoutError(
+                f"replica group {self.index} ({self.describe()}) was not up {self.cfg.parallel.startup_timeout_s:g} s "
+                "after it was created: not enough resources for its placement group, or a slow model load "
+                "(parallel.startup_timeout_s)"), starting=True)
+        if self.calls.has("shard") and not self.calls.has("progress") and now >= self.progress_at:
+            self.progress_at = now + PROGRESS_EVERY_S
+            self.calls.add(self.actors[0].progress.remote(), "progress")
+        return out
+
+    def _tear_down(self, err: BaseException, starting: bool = False) -> list[Outcome]:
+        """The group failed: kill every rank and the placement group, start a new one (or give up)."""
+        self.kill()
+        reason = brief(_cause(err))
+        self.start_failures = self.start_failures + 1 if starting else 0
+        if self.start_failures >= MAX_GROUP_STARTS:
+            log.error("replica group %d failed to start %d times in a row; dropping it (last: %s)", self.index,
+                      MAX_GROUP_STARTS, reason)
+            return [Gone(reason)]
+        log.warning("replica group %d torn down (%s); starting a new one", self.index, reason)
+        self.start()
+        return [Restarting(reason)]
+
+    def stats(self):
+        return self.actors[0].stats.remote() if self.actors else None
 
     def kill(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
+        self.calls.clear()
+        self.setups_left = 0
         for a in self.actors:
             self.ray.kill(a, no_restart=True)
         if self.pg is not None:
@@ -108,6 +293,6 @@ class ReplicaGroup:
                 f"tp_size={self.cfg.parallel.tp_size}, ep_size={self.cfg.parallel.ep_size})")
 
 
-def make_replicas(ray, cfg: JobConfig, root: str, meta: dict, run_id: str) -> list:
+def make_replicas(ray, cfg: JobConfig, run_id: str) -> list:
     cls = ReplicaGroup if cfg.parallel.world_size > 1 else SingleReplica
-    return [cls(ray, i, run_id, cfg, root, meta) for i in range(cfg.replicas.num_replicas)]
+    return [cls(ray, i, run_id, cfg) for i in range(cfg.replicas.num_replicas)]

@@ -1,59 +1,58 @@
-"""Model replicas: load the model once, then run whatever shards the driver hands over.
+"""Model replicas: load the model once, then run whatever shards of whatever job the driver hands over.
 
 - `Replica`: one actor, one device (tp_size = ep_size = 1).
 - `ReplicaRank`: one rank of a tensor/expert-parallel replica (one actor per device, all in one
-  placement group). Rank 0 hosts the rendezvous store and leads: it reads the shard, broadcasts its
-  requests, and alone commits the output. Every rank runs the same `EngineBackend` on the same
-  requests; all-reduced activations are identical everywhere and each row's randomness derives from
-  (seed, row id, canvas, step), so every rank makes the same decisions. Before the commit the ranks
-  compare digests of their generations (`LockstepError` if they differ).
+  placement group). Rank 0 hosts the rendezvous store and leads: it reads the shards, decides what
+  enters the batch (the lockstep loop of `dgbatch.stream` broadcasts it), and alone commits. Every
+  rank runs the same `EngineBackend` on the same requests in the same order; all-reduced activations
+  are identical everywhere and each row's randomness derives from (seed, row id, canvas, step), so
+  every rank makes the same decisions. Before a commit the ranks compare digests of the shard's
+  generations (`LockstepError` if they differ).
 
-Both are plain Python; the driver wraps them with `ray.remote`. Shards are pulled, never
-pre-assigned, so a faster replica simply runs more of them.
+Both are plain Python; `dgbatch.placement` wraps them with `ray.remote` as threaded actors. A shard
+arrives with its job (`shard.JobContext`: output root, job metadata, sampling, longest prompt, the
+input settings its rows' images need), so a replica serves any job of its model and engine settings;
+several shards are in flight at once and stream through one engine (`dgbatch.stream`). Shards are
+pulled, never pre-assigned, so a faster replica simply runs more of them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import pickle
+import time
 
 from dgbatch.config import JobConfig
+from dgbatch.generation import SamplingParams
+from dgbatch.shard import JobContext
+from dgbatch.stream import LockstepError, StreamBroken  # noqa: F401 - re-exported: what a replica raises
 
 log = logging.getLogger(__name__)
 
 
-class LockstepError(RuntimeError):
-    """The ranks of a replica produced different generations: they are out of step."""
+class Backends:
+    """Builds the replica's streaming backend for a job (`stream.BackendFactory`), from the loaded model."""
 
+    def __init__(self, cfg: JobConfig, model, pad_id: int, eos_ids: list[int]):
+        self.cfg, self.model, self.pad_id, self.eos_ids = cfg, model, pad_id, eos_ids
 
-class GroupStillInStep(RuntimeError):
-    """The leader failed a shard outside its generation (reading or committing it): every rank has
-    returned, so the group can take the next shard without being rebuilt."""
+    def batch_size(self, params: SamplingParams, longest_prompt: int) -> int:
+        from dgbatch.sizing import batch_size
 
+        return batch_size(self.cfg.engine, self.model, params, longest_prompt)
 
-def batch_size(cfg: JobConfig, model, params) -> int:
-    """`engine.batch_size`, or for 'auto' what the memory model fits on this replica's device."""
-    if cfg.engine.batch_size != "auto":
-        return cfg.engine.batch_size
-    from dgbatch.engine.backend import auto_batch_size
-    from dgbatch.reference import LOGITS_BUFFERS
+    def build(self, params: SamplingParams, batch_size: int):
+        if self.cfg.engine.backend == "engine":
+            from dgbatch.engine import EngineBackend
 
-    reference = cfg.engine.backend == "reference"
-    return auto_batch_size(model, params, fp32_logits_buffers=LOGITS_BUFFERS if reference else 2)
+            return EngineBackend(self.model, params, batch_size, self.pad_id, self.eos_ids,
+                                 compile=self.cfg.engine.compile, share_prefixes=self.cfg.engine.share_prefixes)
+        if self.cfg.engine.backend == "reference":
+            from dgbatch.reference import ReferenceBackend
+            from dgbatch.stream import BatchStream
 
-
-def build_backend(cfg: JobConfig, model, params, pad_id: int, eos_ids: list[int], batch: int):
-    if cfg.engine.backend == "engine":
-        from dgbatch.engine import EngineBackend
-
-        return EngineBackend(model, params, batch, pad_id, eos_ids, compile=cfg.engine.compile)
-    if cfg.engine.backend == "reference":
-        from dgbatch.reference import ReferenceBackend
-
-        return ReferenceBackend(model, params, batch, pad_id, eos_ids)
-    raise ValueError(f"unknown engine.backend {cfg.engine.backend!r}")
+            return BatchStream(ReferenceBackend(self.model, params, batch_size, self.pad_id, self.eos_ids))
+        raise ValueError(f"unknown engine.backend {self.cfg.engine.backend!r}")
 
 
 def _actor_logging(cfg: JobConfig) -> None:
@@ -73,19 +72,28 @@ def _apply_thread_limit() -> None:
     if n and n.isdigit() and int(n) > 0:
         import torch
 
-        torch.set_num_threads(int(n))
+        torch.set_num_threads(int(n))  # the loop thread started later uses it too
 
 
-def _load(cfg: JobConfig, mesh=None):
-    """(model, tokenizer, params, pad_id, eos_ids), the model sharded for `mesh` when given."""
+def _load(cfg: JobConfig, mesh=None, timings: dict | None = None):
+    """(model, tokenizer, pad_id, eos_ids, model_dir), the model sharded for `mesh` when given. `timings` gets
+    how long the imports (torch, transformers, the tokenizer) and the model load took."""
+    timings = timings if timings is not None else {}
+    t0 = time.time()
+    import torch  # noqa: F401 - timed here, apart from the model load
+    from transformers import DiffusionGemmaForBlockDiffusion  # noqa: F401
+
     from dgbatch import checkpoint
 
     model_dir = checkpoint.local_checkpoint(cfg.model, cfg.storage)
     tokenizer = checkpoint.load_tokenizer(model_dir)
-    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
     pad_id, eos_ids = checkpoint.special_ids(model_dir, tokenizer)
+    _apply_thread_limit()
+    timings["imports_s"] = round(time.time() - t0, 3)
+    t1 = time.time()
     model = checkpoint.load_model(model_dir, cfg.model, mesh)  # with a mesh: only this rank's slices are read
-    return model, tokenizer, params, pad_id, eos_ids
+    timings["model_load_s"] = round(time.time() - t1, 3)
+    return model, tokenizer, pad_id, eos_ids, model_dir
 
 
 def with_retries(stats: dict) -> dict:
@@ -95,82 +103,65 @@ def with_retries(stats: dict) -> dict:
     return {**stats, "storage_retries": retry.drain()}
 
 
-def _shard_runner(cfg: JobConfig, root: str, job_meta: dict, backend, tokenizer, eos_ids, isolate_rows: bool = True):
-    from dgbatch import checkpoint
-    from dgbatch.filters import OutputFilter
-    from dgbatch.io.fs import filesystem
-    from dgbatch.io.layout import Layout
-    from dgbatch.planning.images import RowImages
-    from dgbatch.shard import ShardRunner
-
-    fs, _ = filesystem(cfg.output.path, cfg.storage)
-    images = RowImages(cfg.input, cfg.storage, checkpoint.local_checkpoint(cfg.model, cfg.storage))
-    return ShardRunner(backend, tokenizer, fs, Layout(root), eos_ids, job_meta, cfg.input.id_column, isolate_rows,
-                       OutputFilter.of(cfg.output), images)
-
-
 class Replica:
-    def __init__(self, cfg: JobConfig, root: str, job_meta: dict):
+    """A single-device replica: its model is loaded in `__init__` (as soon as the driver creates it)."""
+
+    def __init__(self, cfg: JobConfig):
+        self.timings = {"process_start": process_start(), "init_at": time.time()}
         _actor_logging(cfg)
-        _apply_thread_limit()
-        model, tokenizer, params, pad_id, eos_ids = _load(cfg)
-        batch = batch_size(cfg, model, params)
-        log.info("%s backend, batch size %d%s", cfg.engine.backend, batch,
-                 " (auto: from the memory model)" if cfg.engine.batch_size == "auto" else "")
-        backend = build_backend(cfg, model, params, pad_id, eos_ids, batch)
-        self.runner = _shard_runner(cfg, root, job_meta, backend, tokenizer, eos_ids)
+        model, tokenizer, pad_id, eos_ids, model_dir = _load(cfg, timings=self.timings)
+        self.stream = _stream(cfg, Backends(cfg, model, pad_id, eos_ids), tokenizer, eos_ids,
+                              model_dir=model_dir).start()
+        self.timings["ready_at"] = time.time()
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> dict:
+        """Start-up timings: the process start, when __init__ began and ended, imports and model load."""
+        return self.timings
 
-    def run_shard(self, shard_id: str) -> dict:
-        return with_retries(self.runner.run(shard_id))
+    def run_shard(self, shard_id: str, job: JobContext) -> dict:
+        return with_retries(self.stream.run_shard(shard_id, job))
+
+    def progress(self) -> dict[str, int]:
+        return self.stream.progress()
+
+    def stats(self) -> dict:
+        return {**self.stream.stats.to_dict(), **self.timings}
+
+
+def _stream(cfg: JobConfig, factory: Backends, tokenizer, eos_ids, **kwargs):
+    from dgbatch.stream import ShardStream
+
+    return ShardStream(factory, tokenizer, eos_ids, **kwargs)
+
+
+def process_start() -> float | None:
+    """When this process started (time.time()), from /proc; None where that cannot be read."""
+    from pathlib import Path
+
+    try:
+        ticks = int(Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 # ---- tensor / expert parallel replicas ------------------------------------------------------------
 
 
-def generations_digest(gens) -> str:
-    """What must agree across ranks: every row's tokens, forwards and finish reason."""
-    rows = [(g.row_id, g.token_ids, g.num_decoder_forwards, g.finish_reason) for g in gens]
-    return hashlib.sha256(pickle.dumps(rows)).hexdigest()
-
-
-def check_lockstep(mesh, gens) -> None:
-    digests = mesh.gather_objects(generations_digest(gens))
-    if len(set(digests)) > 1:
-        raise LockstepError(f"ranks of this replica generated different outputs (digests by rank: {digests})")
-
-
-class _LeaderBackend:
-    """The leader's side of a lockstep generation: broadcast the requests, generate, compare digests."""
-
-    def __init__(self, backend, mesh):
-        self.backend, self.mesh = backend, mesh
-        self.released = False  # the followers have this shard's requests (or a None: nothing to do)
-        self.generating = False
-
-    def generate(self, requests):
-        self.released = True
-        self.generating = True
-        self.mesh.broadcast_object(list(requests))
-        gens = self.backend.generate(requests)
-        check_lockstep(self.mesh, gens)
-        self.generating = False
-        return gens
-
-
 class ReplicaRank:
     """One rank of a parallel replica. Lifecycle: `__init__` (cheap) -> rank 0's `rendezvous` ->
-    every rank's `setup(address)` (joins the process group, loads and shards the model) -> `run_shard`
-    on every rank at once, for each shard."""
+    every rank's `setup(address)` (joins the process group, loads and shards the model; the leader
+    starts its loop) -> every follower's `follow` (runs the loop until the group is torn down) ->
+    `run_shard` on the leader, several at once."""
 
-    def __init__(self, cfg: JobConfig, root: str, job_meta: dict, rank: int):
+    def __init__(self, cfg: JobConfig, rank: int):
         from dgbatch.parallel import ParallelDims
 
+        self.timings = {"process_start": process_start(), "init_at": time.time()}
         _actor_logging(cfg)
-        _apply_thread_limit()
-        self.cfg, self.root, self.job_meta, self.rank = cfg, root, job_meta, rank
+        self.cfg, self.rank = cfg, rank
         self.dims = ParallelDims(cfg.parallel.tp_size, cfg.parallel.ep_size)
         self.store = None
         self.mesh = None
@@ -189,6 +180,7 @@ class ReplicaRank:
         import torch
 
         from dgbatch.parallel.mesh import Mesh, default_backend, join_store
+        from dgbatch.stream import MeshLockstep
 
         p = self.cfg.parallel
         device = None
@@ -198,39 +190,27 @@ class ReplicaRank:
         backend = p.backend if p.backend != "auto" else default_backend(device or "cpu")
         store = self.store if self.rank == 0 else join_store(*address, self.dims.world, p.timeout_s)
         self.mesh = Mesh.init(self.dims, self.rank, store, backend, p.timeout_s, device)
-        model, tokenizer, params, pad_id, eos_ids = _load(self.cfg, self.mesh)
-        batch = min(self.mesh.gather_objects(batch_size(self.cfg, model, params)))  # ranks run in lockstep
-        self.backend = build_backend(self.cfg, model, params, pad_id, eos_ids, batch)
+        model, tokenizer, pad_id, eos_ids, model_dir = _load(self.cfg, self.mesh, self.timings)
+        # The ranks' collectives must never wait longer than the timeout: an idle leader ticks sooner.
+        self.stream = _stream(self.cfg, Backends(self.cfg, model, pad_id, eos_ids), tokenizer, eos_ids,
+                              lockstep=MeshLockstep(self.mesh), isolate_rows=False,
+                              heartbeat_s=min(5.0, p.timeout_s / 4), model_dir=model_dir)
         if self.mesh.is_leader:
-            self.leader = _LeaderBackend(self.backend, self.mesh)
-            self.runner = _shard_runner(self.cfg, self.root, self.job_meta, self.leader, tokenizer, eos_ids,
-                                        isolate_rows=False)
+            self.stream.start()
+        self.timings["ready_at"] = time.time()
         return {"rank": self.rank, "backend": backend, "device": str(next(model.parameters()).device),
-                "batch_size": batch}
+                **self.timings}
 
-    def run_shard(self, shard_id: str) -> dict | None:
-        """Every rank is called with the same shard; the leader's return value is the shard's stats."""
-        return self._lead(shard_id) if self.mesh.is_leader else self._follow()
+    def follow(self) -> None:
+        """A follower: the leader's loop, step for step, until the group is torn down."""
+        self.stream.follow()
 
-    def _lead(self, shard_id: str) -> dict:
-        self.leader.released = self.leader.generating = False
-        from dgbatch.io.fs import StorageUnavailable
+    def run_shard(self, shard_id: str, job: JobContext) -> dict:
+        """The leader only: run and commit one shard with every rank; returns its stats."""
+        return with_retries(self.stream.run_shard(shard_id, job))
 
-        try:
-            stats = self.runner.run(shard_id)
-        except Exception as e:
-            if self.leader.generating:  # mid-generation: the followers may be anywhere; rebuild the group
-                raise
-            if not self.leader.released:
-                self.mesh.broadcast_object(None)
-            if isinstance(e, StorageUnavailable):  # the job stops: the driver must see it as it is
-                raise
-            raise GroupStillInStep(f"{type(e).__name__}: {e}") from e
-        if not self.leader.released:  # committed by an earlier attempt, or nothing to generate
-            self.mesh.broadcast_object(None)
-        return with_retries(stats)
+    def progress(self) -> dict[str, int]:
+        return self.stream.progress()
 
-    def _follow(self) -> None:
-        requests = self.mesh.broadcast_object(None)  # None: the leader has nothing to generate
-        if requests is not None:
-            check_lockstep(self.mesh, self.backend.generate(requests) if requests else [])
+    def stats(self) -> dict:
+        return {**self.stream.stats.to_dict(), **self.timings}

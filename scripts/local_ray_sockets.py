@@ -2,7 +2,7 @@
 
     python scripts/local_ray_sockets.py [--json]
 
-Starts Ray the way `dgbatch run` does without `ray.address` (`driver.start_local_ray`), runs a task and
+Starts Ray the way `dgbatch run` does without `ray.address` (`pool.start_local_ray`), runs a task and
 an actor so workers exist, then reads `ss -H -ltnup` for this process and all its descendants (GCS,
 raylet, workers, dashboard and runtime-env agents). Exit 0 if every socket is on 127.0.0.1, else 1.
 """
@@ -53,7 +53,7 @@ def listening(pids: set[int]) -> list[dict]:
 def main() -> int:
     import ray
 
-    from dgbatch.driver import start_local_ray
+    from dgbatch.pool import start_local_ray
 
     start_local_ray(ray, 1)
 

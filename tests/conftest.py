@@ -178,7 +178,7 @@ def ray_local():
     """One local Ray for the in-process pipeline tests (2 CPUs, like the CI machine), on 127.0.0.1 only."""
     import ray
 
-    from dgbatch.driver import start_local_ray
+    from dgbatch.pool import start_local_ray
 
     start_local_ray(ray, 2, log_to_driver=False)
     yield ray

@@ -105,9 +105,11 @@ def test_the_python_api_runs_a_job_and_returns_its_summary(ray_local, tmp_path, 
     path = write_prompts(tmp_path / "in.parquet", ["reverse abc", "repeat 2 xy", "reverse hello"])
     out = tmp_path / "out"
     summary = dgbatch.run(str(DEMO_CONFIG), model={"path": str(toy_model_dir)}, input={"path": str(path)},
-                          sampling={"max_new_tokens": 16}, **{"output.path": str(out)})
+                          sampling={"max_new_tokens": 16, "num_samples": 2}, **{"output.path": str(out)})
     assert summary == json.loads((out / "_summary.json").read_text())
-    assert summary["rows"] == 3 and summary["output"] == str(out) and summary["dgbatch_version"] == dgbatch.__version__
+    enc = summary["prompt_encoding"]  # each prompt's two samples: encoded once
+    assert enc["prompt_tokens"] == summary["prompt_tokens"] and 2 * enc["encoded_prompt_tokens"] <= enc["prompt_tokens"]
+    assert summary["rows"] == 6 and summary["output"] == str(out) and summary["dgbatch_version"] == dgbatch.__version__
     assert summary["model"]["path"] == str(toy_model_dir) and summary["started_at"] <= summary["ended_at"]
     assert summary["throughput"]["rows_per_s"] > 0 and summary["throughput"]["output_tokens_per_s"] > 0
     assert f"output in {out}/data/" in capsys.readouterr().out  # the summary line says where the output went

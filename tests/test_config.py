@@ -123,6 +123,7 @@ def test_fingerprint_tracks_outputs_not_scheduling():
     assert a.fingerprint() == load_config(None, ["replicas.num_replicas=4", "engine.batch_size=8", "model.device=cpu",
                                                  "input.on_change=replan"], base=BASE).fingerprint()
     assert a.fingerprint() != load_config(None, ["sampling.seed=1"], base=BASE).fingerprint()
+    # the two backends sample differently: a job must not resume into a mix of both
     assert a.fingerprint() != load_config(None, ["engine.backend=reference"], base=BASE).fingerprint()
     # samples and output filters decide the outputs; the scorer does not (a rescore reuses the generations)
     assert a.fingerprint() != load_config(None, ["sampling.num_samples=2"], base=BASE).fingerprint()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dgbatch import checkpoint, cli, driver
+from dgbatch import checkpoint, cli, driver, pool
 from dgbatch.config import load_config
 from dgbatch.eval.metrics import pass_at_k
 from dgbatch.toy.tasks import sample_examples
@@ -42,7 +42,7 @@ def no_generation(monkeypatch) -> None:
     def boom(*a, **k):
         raise AssertionError("the job went past validation, or a rescore generated: Ray started or the model loaded")
 
-    monkeypatch.setattr(driver, "init_ray", boom)
+    monkeypatch.setattr(pool, "init_ray", boom)
     monkeypatch.setattr(checkpoint, "load_model", boom)
 
 

@@ -34,6 +34,7 @@ from dgbatch import driver
 from dgbatch.config import ConfigError, JobConfig, Text, load_config
 from dgbatch.errors import JobError
 from dgbatch.planning.planner import ID, PLAN_ERROR, PROMPT_IDS, read_shard
+from dgbatch.pool import ReplicaPool
 from dgbatch.toy.tasks import answer_for
 from tests.helpers import leaf_fields
 
@@ -273,9 +274,9 @@ def test_inputs_are_refused_in_one_line_or_planned_row_for_row(scratch, toy_mode
 @fuzz_settings(FUZZ_JOBS)
 @given(inputs(allow_bad=False))
 def test_whole_jobs_write_rows_out_equal_rows_in(ray_local, scratch, toy_model_dir, monkeypatch, spec):
-    started = []
-    real_schedule = driver.schedule
-    monkeypatch.setattr(driver, "schedule", lambda *a, **k: started.append(1) or real_schedule(*a, **k))
+    started = []  # shards handed to replicas (they start, and load the model, while the driver plans)
+    real_run = ReplicaPool.run
+    monkeypatch.setattr(ReplicaPool, "run", lambda *a, **k: started.append(1) or real_run(*a, **k))
     d = Path(tempfile.mkdtemp(dir=scratch))
     try:
         inp = write_input(spec, d / "in")
@@ -284,7 +285,7 @@ def test_whole_jobs_write_rows_out_equal_rows_in(ray_local, scratch, toy_model_d
         try:
             code = driver.run(cfg)
         except JobError as e:
-            assert not started, "a job-level error after the replicas started"
+            assert not started, "a job-level error after the shards were handed to replicas"
             assert spec.job_error and "\n" not in e.line()
             event(f"whole job refused: {type(e).__name__}")
             return

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dgbatch import checkpoint, cli, driver
+from dgbatch import checkpoint, cli, driver, pool
 from dgbatch.config import ConfigError, load_config
 from dgbatch.io.fs import filesystem, overlap
 from dgbatch.io.layout import Layout
@@ -26,7 +26,7 @@ def no_heavy_work(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the job went past validation: Ray started or the model loaded")
 
-    monkeypatch.setattr(driver, "init_ray", boom)
+    monkeypatch.setattr(pool, "init_ray", boom)
     monkeypatch.setattr(checkpoint, "load_model", boom)
 
 

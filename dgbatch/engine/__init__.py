@@ -4,6 +4,6 @@ Imports neither Ray nor fsspec; it runs on tensors alone.
 """
 
 from dgbatch.engine.backend import EngineBackend
-from dgbatch.engine.loop import Engine, EngineStats
+from dgbatch.engine.loop import Engine, EngineStats, Finished
 
-__all__ = ["Engine", "EngineBackend", "EngineStats"]
+__all__ = ["Engine", "EngineBackend", "EngineStats", "Finished"]

@@ -1,57 +1,43 @@
-"""`EngineBackend`: the engine behind the pipeline's `Backend` protocol."""
+"""`EngineBackend`: the engine behind the pipeline's `Backend` protocol, batch or streaming."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
-from dgbatch.engine.loop import Engine, EngineStats
-from dgbatch.engine.memory import default_batch_size
+from dgbatch.engine.loop import Engine, EngineStats, Finished
 from dgbatch.generation import Generation, Request, SamplingParams
-
-# Slot capacity assumed when sizing the batch before any prompt is seen.
-DEFAULT_PROMPT_TOKENS = 1024
-
-
-def auto_batch_size(
-    model, params: SamplingParams, *, capacity: int | None = None, max_prefill_tokens: int = 8192,
-    fp32_logits_buffers: int = 2,
-) -> int:
-    """What the memory model fits on the model's device, slots of `capacity` committed tokens (default:
-    a DEFAULT_PROMPT_TOKENS prompt and max_new_tokens in whole canvases); `fp32_logits_buffers` per row as
-    in `memory_model` (another loop than the engine's may hold more)."""
-    canvas = model.config.canvas_length
-    capacity = capacity or DEFAULT_PROMPT_TOKENS + -(-params.max_new_tokens // canvas) * canvas
-    return default_batch_size(model, capacity, max_prefill_tokens=max_prefill_tokens,
-                              fp32_logits_buffers=fp32_logits_buffers)
 
 
 class EngineBackend:
     """dgbatch's own generation loop for a loaded `DiffusionGemmaForBlockDiffusion` (eval mode, any device).
 
-    Same constructor as `ReferenceBackend`; `batch_size` is the number of slots, or None to size it
-    from the device's free memory with the engine's memory model (`dgbatch.engine.memory`). Outputs
-    depend only on (params.seed, row id, prompt), not on batch composition, order, slot or call.
+    Same constructor as `ReferenceBackend`; `batch_size` is the number of slots (`dgbatch.sizing`
+    decides it for a job). Outputs depend only on (params.seed, row id, prompt), not on batch
+    composition, order, slot, call, or what else is streaming through the slots.
 
-    capacity: committed tokens per slot to allocate up front (default: from the longest prompt of
-        each call, grown when a later call needs more);
+    capacity: committed tokens per slot to allocate up front (default: from the longest prompt
+        submitted, grown while no row is in a slot);
     compile: `torch.compile` the denoising step (static shapes: one graph per decoder batch size);
-    max_prefill_tokens: new prompt and commit tokens per model pass (bounds the encoder's activations).
+    max_prefill_tokens: new prompt and commit tokens per model pass (bounds the encoder's activations);
+    share_prefixes: rows that share a prompt or a long prefix encode it once (`dgbatch.engine.prefix`).
+
+    `generate` runs one list to the end; `submit`, `step`, `busy`, `reserve` and `reset` are the engine's stream
+    (`dgbatch.engine.loop`): requests enter while others run, finished rows come out as they finish.
     """
 
     def __init__(
         self,
         model,
         params: SamplingParams,
-        batch_size: int | None,
+        batch_size: int,
         pad_id: int,
         eos_ids: Sequence[int],
         *,
         capacity: int | None = None,
         compile: bool = False,
         max_prefill_tokens: int = 8192,
+        share_prefixes: bool = True,
     ):
-        if batch_size is None:
-            batch_size = auto_batch_size(model, params, capacity=capacity, max_prefill_tokens=max_prefill_tokens)
         self.engine = Engine(
             model,
             params,
@@ -61,6 +47,7 @@ class EngineBackend:
             capacity=capacity,
             compile=compile,
             max_prefill_tokens=max_prefill_tokens,
+            share_prefixes=share_prefixes,
         )
 
     @property
@@ -73,3 +60,21 @@ class EngineBackend:
 
     def generate(self, requests: Sequence[Request]) -> list[Generation]:
         return self.engine.run(requests)
+
+    # ---- the stream ----------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self.engine.busy
+
+    def submit(self, requests: Sequence[Request], tag: Hashable = None) -> None:
+        self.engine.submit(requests, tag)
+
+    def step(self) -> list[Finished]:
+        return self.engine.step()
+
+    def reserve(self, prompt_tokens: int) -> None:
+        self.engine.reserve(prompt_tokens)
+
+    def reset(self) -> list[tuple[Hashable, int, Request]]:
+        return self.engine.reset()

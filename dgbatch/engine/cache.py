@@ -159,6 +159,21 @@ class SlotKVCache:
     def commit_lengths(self, batch) -> None:
         self.lengths[batch.rows] = batch.lengths_after
 
+    def load_prefix(self, src: SlotKVCache, src_slots: torch.Tensor, dst_slots: torch.Tensor,
+                    lengths: torch.Tensor, span: int) -> None:
+        """Slots `dst_slots` [N] start from the first `lengths` [N] committed tokens of `src`'s slots
+        `src_slots` [N] (a `PrefixCache` entry, which holds exactly those): what encoding those tokens
+        into `dst_slots` would have stored. `span` >= every length; entries past a row's length are
+        masked by it. `src` must lay positions out like this cache (same canvas, same ring)."""
+        if (src.canvas, src.ring, src.specs) != (self.canvas, self.ring, self.specs):
+            raise ValueError("a prefix can only be loaded from a cache with the same layout (canvas, ring, layers)")
+        c = self.canvas
+        for layer, spec in enumerate(self.specs):
+            end = c + (self.ring if spec.sliding else span)
+            for dst, s in ((self.keys[layer], src.keys[layer]), (self.values[layer], src.values[layer])):
+                dst[dst_slots, :, c:end] = s[src_slots, :, c:end]
+        self.lengths[dst_slots] = lengths
+
     def move(self, src: int, dst: int) -> None:
         """Copy one slot's KV and length to another slot (compaction; not per step)."""
         for t in self.keys + self.values:

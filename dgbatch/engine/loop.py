@@ -6,7 +6,8 @@ not in lockstep: every row denoises with its own step count and temperature, and
 after which its canvas converges (or runs out of steps) it costs no decoder compute:
 
     loop:
-      refill  free slots take the next prompts of the queue
+      refill  free slots take the next prompts of the queue; a row whose prompt starts with a shared
+              prefix (`prefix.py`) starts from a copy of its K/V and has only the rest to encode
       step    one model pass: encode the new prompts and the canvases finished in the previous
               step (packed, no padding) and, with their K/V in place, one decoder step over slots
               [0, n), n from a fixed set of batch sizes, then the sampler; rows that were just
@@ -17,6 +18,13 @@ after which its canvas converges (or runs out of steps) it costs no decoder comp
 (The compiled engine keeps the decoder step's shapes static, so it encodes in a pass of its own
 first; so does a refill whose prompts exceed `max_prefill_tokens`.)
 
+The loop is a stream: `submit(requests, tag)` queues requests at any time, even between two steps
+of rows already running; `step()` runs one iteration and returns the rows that finished in it as
+`Finished(tag, index, generation)`, so a caller can feed the next shard's rows into the slots while
+the last rows of another drain, and hand each shard's rows back as soon as its last one is done.
+`run(requests)` is that loop over one list, until it is done. The tag is the caller's (a shard id,
+say); the engine only hands it back. A row's output does not depend on what shares its batch.
+
 While the queue lasts every slot holds a denoising row, so every decoder row-forward is useful.
 When it runs dry, rows are compacted into the lowest slots so the decoder drops to a smaller batch
 size. The only host synchronisation per step is one [n, 1 + C] int64 copy (which rows are done,
@@ -26,14 +34,16 @@ and their canvases), which scheduling needs.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from dgbatch.engine import rng
 from dgbatch.engine.outputs import finish, has_eos, num_canvases
 from dgbatch.engine.packing import EncoderBatch, pack
+from dgbatch.engine.prefix import PrefixCache
 from dgbatch.engine.runner import ModelRunner
 from dgbatch.engine.sampler import accept_mask, draft, renoise, stop_and_update_history, temperature
 from dgbatch.generation import Generation, Request, SamplingParams, max_new_tokens
@@ -49,16 +59,33 @@ class EngineStats:
     encoder_calls: int = 0  # encoder batches packed; eager, the last of a step shares the decoder's pass
     prefill_rows: int = 0
     commit_rows: int = 0
+    prompt_tokens: int = 0  # tokens of the prompts admitted
+    encoded_prompt_tokens: int = 0  # prompt tokens the encoder computed (fewer where rows share a prefix)
+    shared_prefix_rows: int = 0  # rows that started from a shared prefix's K/V (`prefix.py`)
     batch_sizes: dict[int, int] = field(default_factory=dict)  # decoder batch size -> calls
 
     @property
     def slot_utilization(self) -> float:
         return self.useful_row_forwards / max(1, self.computed_row_forwards)
 
+    @property
+    def prompt_encoding_ratio(self) -> float:
+        """Prompt tokens encoded / prompt tokens: 1 without shared prefixes, 1/8 for 8 samples of a prompt."""
+        return self.encoded_prompt_tokens / max(1, self.prompt_tokens)
+
+
+class Finished(NamedTuple):
+    """A row that finished: the tag it was submitted with, its position in that `submit` call, its output."""
+
+    tag: Hashable
+    index: int
+    generation: Generation
+
 
 @dataclass
 class _Row:
-    index: int  # position in the request list
+    tag: Hashable
+    index: int  # position in its `submit` call
     request: Request
     pending: list[int] | None  # tokens waiting for the encoder: the prompt, then each finished canvas
     canvases: list[list[int]] = field(default_factory=list)
@@ -93,6 +120,7 @@ class Engine:
         capacity: int | None = None,
         compile: bool = False,
         max_prefill_tokens: int = 8192,
+        share_prefixes: bool = True,
     ):
         self.runner = ModelRunner(model)
         self.params = params
@@ -106,7 +134,11 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.stats = EngineStats()
         self.cache = None
-        self._capacity = capacity
+        self.queue: deque[tuple[Hashable, int, Request]] = deque()  # submitted, not yet in a slot
+        self._need = capacity or 0  # slot capacity the queued rows need (grows only)
+        self._longest_prompt = 0  # of the rows submitted or reserved for (grows only)
+        self.prefixes = PrefixCache(self.runner) if share_prefixes else None
+        self._last_prompt: list[int] | None = None  # the prompt admitted last: the next row's neighbour
         self._step = self._compiled(self._denoise) if compile else self._denoise
         self._alloc_state()
 
@@ -138,15 +170,19 @@ class Engine:
                 [self.tokens, self.soft, self.history, self.steps, self.canvas_idx, self.keys, self.active]
             )
 
-    def _ensure_cache(self, requests: Sequence[Request]) -> None:
-        """Slot capacity = longest prompt + the canvases that get committed (never the last one)."""
-        need = max(len(r.prompt_ids) for r in requests) + (self.max_canvases - 1) * self.canvas
-        need = max(need, self._capacity or 0)
-        if self.cache is None or self.cache.capacity < need:
-            need = -(-need // 64) * 64  # round up: fewer reallocations, fewer compiled shapes
-            self.cache = self.runner.new_cache(self.num_slots, need)
-            if self.compile:
-                self._mark_static(self.cache.keys + self.cache.values + [self.cache.lengths])
+    def _slot_need(self, request: Request) -> int:
+        """Slot capacity a row needs: its prompt + the canvases that get committed (never the last one;
+        the job's budget, so a row with a smaller one of its own fits too)."""
+        return len(request.prompt_ids) + (self.max_canvases - 1) * self.canvas
+
+    def _ensure_cache(self) -> None:
+        """A cache that holds every queued row; reallocated (growing) only while no row is in a slot."""
+        if self.cache is not None and (self.cache.capacity >= self._need or self.num_live):
+            return
+        need = -(-max(self._need, 1) // 64) * 64  # round up: fewer reallocations, fewer compiled shapes
+        self.cache = self.runner.new_cache(self.num_slots, need)
+        if self.compile:
+            self._mark_static(self.cache.keys + self.cache.values + [self.cache.lengths])
 
     @staticmethod
     def _mark_static(tensors) -> None:
@@ -174,19 +210,42 @@ class Engine:
 
     # ---- phases --------------------------------------------------------------------------------
 
-    def _refill(self, queue: deque) -> None:
-        """Free slots take the next prompts; their KV is written by the next `_encode`."""
+    def _refill(self) -> None:
+        """Free slots take the next prompts; their KV is written by the next `_encode`, after the
+        shared prefix they start from (if any). A row longer than the cache holds waits (and the
+        rows behind it: first in, first out) until the slots are empty."""
+        admitted = []
         for s in range(self.num_slots):
-            if not queue:
-                return
+            if not self.queue or self._slot_need(self.queue[0][2]) > self.cache.capacity:
+                break
             if self.rows[s] is None:
-                i, req = queue.popleft()
+                tag, i, req = self.queue.popleft()
                 budget = max_new_tokens(req, self.params)
-                self.rows[s] = _Row(i, req, pending=list(req.prompt_ids), max_new_tokens=budget,
+                self.rows[s] = _Row(tag, i, req, pending=list(req.prompt_ids), max_new_tokens=budget,
                                     max_canvases=num_canvases(budget, self.canvas))
                 self.cache.lengths[s] = 0
                 self.keys[s] = torch.tensor(rng.row_key(self.params.seed, req.row_id))
                 self.stats.prefill_rows += 1
+                self.stats.prompt_tokens += len(req.prompt_ids)
+                admitted.append(s)
+        if admitted and self.prefixes is not None:
+            self._share(admitted)
+
+    def _share(self, slots: list[int]) -> None:
+        """Rows just admitted to `slots` start from the shared prefixes they have in common with
+        their neighbours in the queue or with a kept prefix; only the rest of each prompt is encoded."""
+        prompts = [_shareable(self.rows[s].request) for s in slots]
+        after = prompts[1:] + [_shareable(self.queue[0][2]) if self.queue else None]
+        before = [self._last_prompt] + prompts[:-1]
+        self._last_prompt = prompts[-1]
+        encoded = self.prefixes.encoded_tokens
+        loaded = self.prefixes.admit(self.cache, slots, prompts, list(zip(before, after)), self._longest_prompt)
+        self.stats.encoded_prompt_tokens += self.prefixes.encoded_tokens - encoded
+        for s, k in zip(slots, loaded):
+            if k:
+                row = self.rows[s]
+                row.length, row.pending = k, row.pending[k:]
+                self.stats.shared_prefix_rows += 1
 
     def _pending(self) -> list[EncoderBatch]:
         """Pack every pending prompt and finished canvas into encoder passes (at most
@@ -198,21 +257,26 @@ class Engine:
         passes: list[list[int]] = [[]]
         tokens = 0
         for t, s in todo:
+            if not t:  # a whole prompt loaded from a shared prefix: nothing to encode
+                continue
             if passes[-1] and tokens + t > self.max_prefill_tokens:
                 passes.append([])
                 tokens = 0
             passes[-1].append(s)
             tokens += t
         batches = []
-        for slots in passes:
+        for slots in filter(None, passes):
             rows = [self.rows[s] for s in slots]
             batches.append(pack(self.cache, slots, [r.pending for r in rows], [r.length for r in rows], self._bound,
                                 max_tokens=self.max_prefill_tokens, image_id=self.runner.image_token_id,
                                 vision=[r.request.vision if r.length == 0 else None for r in rows]))
             for r in rows:
                 self.stats.commit_rows += bool(r.canvases)
+                if not r.canvases:
+                    self.stats.encoded_prompt_tokens += len(r.pending)
                 r.length += len(r.pending)
-                r.pending = None
+        for _, s in todo:
+            self.rows[s].pending = None
         dev = self.runner.device
         slots = [s for _, s in todo]
         self._reset_canvas(torch.tensor(slots, device=dev),
@@ -249,7 +313,7 @@ class Engine:
         done = self.active[:n] & (stop | (self.steps[:n] >= p.max_denoising_steps))
         return done, d.argmax
 
-    def _finish(self, done_slots: list[int], host: list[list[int]]) -> list[tuple[int, Generation]]:
+    def _finish(self, done_slots: list[int], host: list[list[int]]) -> list[Finished]:
         """Rows whose canvas holds EOS, or was their last, are output and leave their slot; the
         others' canvases wait for the next `_encode`."""
         out = []
@@ -260,7 +324,7 @@ class Engine:
             if has_eos(canvas, self.eos_ids) or len(row.canvases) == row.max_canvases:
                 gen = finish(row.request.row_id, row.canvases, row.forwards, self.params, self.pad_id, self.eos_ids,
                              row.max_new_tokens)
-                out.append((row.index, gen))
+                out.append(Finished(row.tag, row.index, gen))
                 self.rows[s] = None
             else:
                 row.pending = canvas
@@ -284,42 +348,92 @@ class Engine:
 
     # ---- driver --------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def run(self, requests: Sequence[Request]) -> list[Generation]:
-        """Generate every request; outputs in request order."""
-        if not requests:
-            return []
+    @property
+    def num_live(self) -> int:
+        """Rows in a slot (denoising, or waiting for their canvas's commit)."""
+        return sum(r is not None for r in self.rows)
+
+    @property
+    def busy(self) -> bool:
+        """There is work: queued rows or rows in slots."""
+        return bool(self.queue) or self.num_live > 0
+
+    def submit(self, requests: Sequence[Request], tag: Hashable = None) -> None:
+        """Queue `requests` behind everything submitted before; each comes back from `step` as
+        `Finished(tag, its index in requests, generation)`. Safe between any two steps."""
         empty = [r.row_id for r in requests if not r.prompt_ids]
         if empty:
             raise ValueError(f"{len(empty)} request(s) have an empty prompt, e.g. row {empty[0]!r}")
-        self._ensure_cache(requests)
-        queue = deque(enumerate(requests))
+        for i, r in enumerate(requests):
+            self.queue.append((tag, i, r))
+            self._need = max(self._need, self._slot_need(r))
+            self._longest_prompt = max(self._longest_prompt, len(r.prompt_ids))
+
+    def reserve(self, prompt_tokens: int) -> None:
+        """Size the slots for prompts of up to `prompt_tokens` (a job's longest) before they come, so
+        the cache is allocated once rather than grown when such a prompt arrives."""
+        self._need = max(self._need, prompt_tokens + (self.max_canvases - 1) * self.canvas)
+        self._longest_prompt = max(self._longest_prompt, prompt_tokens)
+
+    def reset(self) -> list[tuple[Hashable, int, Request]]:
+        """Drop every unfinished row (after a failed step, whose state is unknown); returns them,
+        (tag, index, request), in slots then queue order, so a caller can run them again."""
+        dropped = [(r.tag, r.index, r.request) for r in self.rows if r is not None] + list(self.queue)
+        self.rows = [None] * self.num_slots
+        self.active.zero_()
+        self.queue.clear()
+        self._last_prompt = None
+        if self.prefixes is not None:  # a pass that failed may have left an entry half written
+            self.prefixes.clear()
+        return dropped
+
+    @torch.inference_mode()
+    def step(self) -> list[Finished]:
+        """One iteration of the loop (refill, one model pass, finish); the rows that finished in it."""
+        if not self.busy:
+            return []
+        self._ensure_cache()
+        self._refill()
+        if not self.queue:
+            self._compact()
+        batches = self._pending()
+        fused = batches.pop() if batches and not self.compile else None
+        for batch in batches:  # encoder-only: under compile (a static step), or past max_prefill_tokens
+            self.runner.encode(self.cache, batch)
+        live = [s for s in range(self.num_slots) if self.rows[s] is not None]
+        n = next(b for b in self.sizes if b > live[-1])
+        bound = self._bound(self.rows[s].length for s in live)
+        if self.compile:
+            torch.compiler.cudagraph_mark_step_begin()
+            done, argmax = self._step(n, bound)
+        else:
+            done, argmax = self._step(n, bound, fused)
+        host = torch.cat([done[:, None].long(), argmax], dim=1).tolist()  # the step's one sync
+        for s in live:
+            self.rows[s].forwards += 1
+        self.stats.decoder_calls += 1
+        self.stats.computed_row_forwards += n
+        self.stats.useful_row_forwards += len(live)
+        self.stats.batch_sizes[n] = self.stats.batch_sizes.get(n, 0) + 1
+        done_slots = [s for s in live if host[s][0]]
+        return self._finish(done_slots, host) if done_slots else []
+
+    def run(self, requests: Sequence[Request]) -> list[Generation]:
+        """Generate every request (on an engine with nothing else submitted); outputs in request order."""
+        if self.busy:
+            raise RuntimeError("Engine.run needs an idle engine; it is streaming: use submit/step")
+        if not requests:
+            return []
+        tag = object()
+        self.submit(requests, tag)
         out: list[Generation | None] = [None] * len(requests)
-        while queue or any(r is not None for r in self.rows):
-            self._refill(queue)
-            if not queue:
-                self._compact()
-            batches = self._pending()
-            fused = batches.pop() if batches and not self.compile else None
-            for batch in batches:  # encoder-only: under compile (a static step), or past max_prefill_tokens
-                self.runner.encode(self.cache, batch)
-            live = [s for s in range(self.num_slots) if self.rows[s] is not None]
-            n = next(b for b in self.sizes if b > live[-1])
-            bound = self._bound(self.rows[s].length for s in live)
-            if self.compile:
-                torch.compiler.cudagraph_mark_step_begin()
-                done, argmax = self._step(n, bound)
-            else:
-                done, argmax = self._step(n, bound, fused)
-            host = torch.cat([done[:, None].long(), argmax], dim=1).tolist()  # the step's one sync
-            for s in live:
-                self.rows[s].forwards += 1
-            self.stats.decoder_calls += 1
-            self.stats.computed_row_forwards += n
-            self.stats.useful_row_forwards += len(live)
-            self.stats.batch_sizes[n] = self.stats.batch_sizes.get(n, 0) + 1
-            done_slots = [s for s in live if host[s][0]]
-            if done_slots:
-                for i, gen in self._finish(done_slots, host):
-                    out[i] = gen
+        while self.busy:
+            for f in self.step():
+                out[f.index] = f.generation
         return out  # type: ignore[return-value]
+
+
+def _shareable(request: Request) -> list[int] | None:
+    """The prompt a row may share a prefix of: None for a row with images (an image's tokens may see
+    each other both ways, so its K/V are not a causal prefix's)."""
+    return None if request.vision is not None else list(request.prompt_ids)

@@ -10,7 +10,9 @@ Peak = weights
                       and the top-k experts' intermediates, and fp32 attention scores [Hq, C, L]
                       (what SDPA's math kernel materialises; fused kernels need less)
      + one prefill chunk: `max_prefill_tokens` tokens of encoder activations and their
-       causal attention scores.
+       causal attention scores
+     + the shared prefixes' store (`prefix.py`): `prefix.ENTRIES` slots' KV (it holds prompts only,
+       so a slot's KV is an upper bound).
 
 KV per slot = sum over layers of 2 (K, V) x kv_heads x (P + C) x head_dim x dtype bytes, where
 P = the slot capacity (prompt + committed canvases) on full-attention layers and W - 1 on sliding
@@ -45,10 +47,11 @@ class MemoryModel:
     logits_per_row: int
     activations_per_row: int
     prefill: int
+    prefix_store: int = 0
 
     def peak(self, batch_size: int) -> int:
         per_row = self.kv_per_slot + self.state_per_slot + self.logits_per_row + self.activations_per_row
-        return self.weights + batch_size * per_row + self.prefill
+        return self.weights + batch_size * per_row + self.prefill + self.prefix_store
 
 
 def _unique_bytes(tensors) -> int:
@@ -73,10 +76,12 @@ def _local_sizes(model) -> tuple[int, int, int]:
 
 
 def memory_model(
-    model, capacity: int, max_prefill_tokens: int = 8192, stability_threshold: int = 1, fp32_logits_buffers: int = 2
+    model, capacity: int, max_prefill_tokens: int = 8192, stability_threshold: int = 1, fp32_logits_buffers: int = 2,
+    prefix_entries: int = 0,
 ) -> MemoryModel:
     """The engine's memory model for `model` with slots of `capacity` committed tokens
-    (`fp32_logits_buffers`: the sampler's [C, V] buffers per row; another loop may hold more)."""
+    (`fp32_logits_buffers`: the sampler's [C, V] buffers per row; another loop may hold more;
+    `prefix_entries`: the shared prefixes it keeps, 0 with `share_prefixes` off)."""
     text = model.config.get_text_config()
     canvas, vocab, hidden = model.config.canvas_length, text.vocab_size, text.hidden_size
     dtype = model.model.decoder.embed_tokens.weight.dtype
@@ -93,7 +98,7 @@ def memory_model(
     t = max(1, min(max_prefill_tokens, capacity))
     prefill = max_prefill_tokens * (8 * hidden + ffn) * nbytes + heads * max_prefill_tokens * t * 4
     weights = _unique_bytes(list(model.parameters()) + list(model.buffers()))
-    return MemoryModel(weights, kv, state, logits, acts, prefill)
+    return MemoryModel(weights, kv, state, logits, acts, prefill, prefix_entries * kv)
 
 
 def available_bytes(device: torch.device) -> int:
@@ -113,10 +118,12 @@ def default_batch_size(
     max_batch_size: int = 256,
     max_prefill_tokens: int = 8192,
     fp32_logits_buffers: int = 2,
+    prefix_entries: int = 0,
 ) -> int:
     """The largest power of two whose estimated peak (beyond the already loaded weights) fits in
     `fraction` of the budget (default: what the model's device has free). At least 1."""
-    mm = memory_model(model, capacity, max_prefill_tokens, fp32_logits_buffers=fp32_logits_buffers)
+    mm = memory_model(model, capacity, max_prefill_tokens, fp32_logits_buffers=fp32_logits_buffers,
+                      prefix_entries=prefix_entries)
     if budget_bytes is None:
         budget_bytes = available_bytes(next(model.parameters()).device)
     budget = fraction * budget_bytes

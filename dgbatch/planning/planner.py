@@ -25,6 +25,7 @@ from dgbatch.planning.ids import checked_ids, digest_parts
 from dgbatch.planning.jsonl import READ_ERROR
 from dgbatch.planning.prompts import PromptEncoder
 from dgbatch.planning.source import PARTITION_COLUMN, Fragment, InputPlan, carried_name, read_fragment
+from dgbatch.sizing import planned_batch_size
 
 # Internal shard columns; prefixed so they never clash with the input's own columns.
 ID, PROMPT_IDS, NUM_PROMPT, PLAN_ERROR = "_dgb_id", "_dgb_prompt_ids", "_dgb_num_prompt_tokens", "_dgb_plan_error"
@@ -47,9 +48,6 @@ def prompt_id(output_id: str, sampled: bool) -> str:
     return output_id.rsplit(SAMPLE_SEP, 1)[0] if sampled else output_id
 
 
-REPORT_BATCH_SIZE = 32  # the batch the planning report's padding figure assumes under engine.batch_size=auto
-
-
 @dataclass
 class ShardMeta:
     shard_id: str
@@ -58,7 +56,8 @@ class ShardMeta:
     error_rows: int
     prompt_tokens: int
     padded_positions: int  # prompt positions incl. padding, batched in shard order at engine.batch_size
-    # (at REPORT_BATCH_SIZE when it is 'auto': the replica picks the real one once its model is loaded)
+    # (at sizing.REPORT_BATCH_SIZE when it is 'auto': the replica picks the real one once its model is loaded)
+    longest_prompt: int = 0  # tokens of the shard's longest prompt (0: none, or a plan from before this field)
 
     @staticmethod
     def from_dict(d: dict) -> ShardMeta:
@@ -141,10 +140,6 @@ def assign_shards(frag_index: int, lengths: list[int | None], edges: list[int],
 def input_rows_per_shard(cfg: JobConfig) -> int:
     """Input rows per shard: plan.shard_rows output rows, all of a row's num_samples samples in one shard."""
     return max(1, cfg.plan.shard_rows // cfg.sampling.num_samples)
-
-
-def report_batch_size(cfg: JobConfig) -> int:
-    return cfg.engine.batch_size if cfg.engine.batch_size != "auto" else REPORT_BATCH_SIZE
 
 
 def write_shard(fs, path: str, table: pa.Table) -> None:
@@ -240,6 +235,7 @@ def _plan_fragment(
         if cfg.input.max_new_tokens_column:
             shard = shard.append_column(MAX_NEW, pa.array([budgets[i] for i in take], pa.int32()))
         write_shard(fs, layout.plan_shard(shard_id), shard)
-        padded = padded_positions(kept, report_batch_size(cfg))
-        metas.append(asdict(ShardMeta(shard_id, len(take), bucket, len(take) - len(kept), sum(kept), padded)))
+        padded = padded_positions(kept, planned_batch_size(cfg.engine))
+        metas.append(asdict(ShardMeta(shard_id, len(take), bucket, len(take) - len(kept), sum(kept), padded,
+                                      max(kept, default=0))))
     return metas, ids

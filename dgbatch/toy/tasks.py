@@ -78,3 +78,20 @@ def answer_for(prompt: str) -> str | None:
     except ValueError:
         return None
     return None
+
+
+def few_shot_prompt(shots: list[Example], question: str) -> str:
+    """A few-shot prompt: solved examples, then the question. Prompts built on the same shots share
+    that long prefix (a few-shot eval's shape; the toy was not trained on it, so its answers are poor)."""
+    return "".join(f"{e.prompt}\n{e.answer}\n\n" for e in shots) + question
+
+
+def shots_of_length(tokens: int, seed: int, count_tokens) -> list[Example]:
+    """The fewest examples (from `seed`) whose few-shot block is at least `tokens` long, counted by
+    `count_tokens(text)`."""
+    shots: list[Example] = []
+    for e in sample_examples(10_000, seed):
+        shots.append(e)
+        if count_tokens(few_shot_prompt(shots, "")) >= tokens:
+            return shots
+    raise ValueError(f"no few-shot block of {tokens} tokens from 10,000 examples")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import weakref
-from collections import deque
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -60,8 +59,9 @@ def test_denoising_step_holds_at_most_two_fp32_logits_buffers():
     model = random_model(vocab=97)
     engine = Engine(model, PARAMS, batch_size=4, pad_id=0, eos_ids=[1])
     reqs = [Request(str(i), list(range(3, 3 + 5 * (i + 1)))) for i in range(4)]
-    engine._ensure_cache(reqs)
-    engine._refill(deque(enumerate(reqs)))
+    engine.submit(reqs)
+    engine._ensure_cache()
+    engine._refill()
     engine._encode()
     with torch.inference_mode(), LiveLogitsBuffers(4 * 16 * 97, 97) as mode:
         engine._denoise(4)
@@ -71,7 +71,8 @@ def test_denoising_step_holds_at_most_two_fp32_logits_buffers():
 def test_kv_per_slot_matches_the_allocated_cache():
     model = random_model(sliding_window=12)
     engine = Engine(model, PARAMS, batch_size=8, pad_id=0, eos_ids=[1])
-    engine._ensure_cache([Request("a", list(range(3, 40)))])
+    engine.submit([Request("a", list(range(3, 40)))])
+    engine._ensure_cache()
     mm = memory_model(model, engine.cache.capacity)
     assert mm.kv_per_slot * 8 == engine.cache.nbytes
 
@@ -87,30 +88,26 @@ def test_default_batch_size_follows_the_budget():
     assert mm.logits_per_row == 2 * 16 * model.config.text_config.vocab_size * 4
 
 
-def test_backend_sizes_its_batch_from_memory_when_asked():
-    from dgbatch.engine import EngineBackend
-
-    backend = EngineBackend(random_model(), PARAMS, batch_size=None, pad_id=0, eos_ids=[1])
-    b = backend.batch_size
-    assert b >= 1 and b & (b - 1) == 0  # a power of two
-
-
-def test_job_batch_size_auto_is_the_memory_models_choice(monkeypatch):
+def test_job_batch_size_auto_is_the_memory_models_choice_for_the_jobs_longest_prompt(monkeypatch):
     from dgbatch.config import load_config
     from dgbatch.engine import memory
-    from dgbatch.replica import batch_size
+    from dgbatch.engine.prefix import ENTRIES
+    from dgbatch.sizing import batch_size
 
     model = random_model()
-    capacity = 1024 + 2 * 16  # the assumed prompt, then PARAMS' 32 new tokens: two canvases of 16
-    mm = memory_model(model, capacity)
+    longest = 300  # the plan's longest prompt, not an assumed 1,024 tokens
+    capacity = longest + 2 * 16  # then PARAMS' 32 new tokens: two canvases of 16
+    mm = memory_model(model, capacity, prefix_entries=ENTRIES)  # engine.share_prefixes is on by default
     budget = int((mm.peak(64) - mm.weights) / 0.85) + 1  # room for 64 engine rows, not 128
     monkeypatch.setattr(memory, "available_bytes", lambda device: budget)
     base = {"model": {"path": "m"}, "input": {"path": "i"}, "output": {"path": "o"}}
     cfg = load_config(None, [], base=base)
     assert cfg.engine.batch_size == "auto"
-    engine = batch_size(cfg, model, PARAMS)
-    assert engine == default_batch_size(model, capacity, budget_bytes=budget) == 64
-    reference = batch_size(load_config(None, ["engine.backend=reference"], base=base), model, PARAMS)
+    engine = batch_size(cfg.engine, model, PARAMS, longest)
+    assert engine == default_batch_size(model, capacity, budget_bytes=budget, prefix_entries=ENTRIES) == 64
+    # a job with longer prompts needs bigger slots: fewer of them fit the same memory
+    assert batch_size(cfg.engine, model, PARAMS, 4 * longest) < 64
+    reference = batch_size(load_config(None, ["engine.backend=reference"], base=base).engine, model, PARAMS, longest)
     # generate holds more logits-sized buffers per row: 64 of its rows do not fit
     assert reference == default_batch_size(model, capacity, budget_bytes=budget, fp32_logits_buffers=5) == 32
-    assert batch_size(load_config(None, ["engine.batch_size=24"], base=base), model, PARAMS) == 24
+    assert batch_size(load_config(None, ["engine.batch_size=24"], base=base).engine, model, PARAMS, longest) == 24

@@ -1,0 +1,211 @@
+"""A pool of replicas: Ray and the replicas started once (the model loaded once per replica), shared by
+every job run on it, one after another.
+
+    with ReplicaPool(cfg) as pool:                  # starts (or joins) Ray, creates the replicas
+        for partition_cfg in partitions:            # e.g. a backfill: same model, other input/output
+            code = driver.run(partition_cfg, pool=pool)
+
+A job may run on a pool when it has the pool's `model`, `engine`, `parallel` and `replicas` sections
+(what a replica is built from); its input, output, sampling, plan and storage are its own, and
+travel with each shard (`shard.JobContext`). `driver.run(cfg)` without a pool makes one for the job
+and closes it at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from dgbatch.config import ConfigError, JobConfig
+from dgbatch.scheduler import Scheduler
+
+log = logging.getLogger("dgbatch")
+
+POOL_SECTIONS = ("model", "engine", "parallel", "replicas")  # what the replicas are built from
+
+
+def init_ray(cfg: JobConfig):
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    with _keeping_stop_handlers():
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address, log_to_driver=True)
+        elif os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)  # under `ray job submit`, or a cluster the user pointed at
+        else:
+            start_local_ray(ray, cfg.ray.num_cpus)
+    return ray
+
+
+@contextlib.contextmanager
+def _keeping_stop_handlers():
+    """Keep this process's SIGINT / SIGTERM handlers (the CLI's clean stop) across `ray.init`, which replaces
+    SIGTERM's twice: with `sys.exit` in Python, then with its C++ failure handler, which aborts (exit 134)."""
+    stops = (signal.SIGINT, signal.SIGTERM)
+    kept = {s: signal.getsignal(s) for s in stops} if threading.current_thread() is threading.main_thread() else {}
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+LOCAL_HOST = "127.0.0.1"
+
+
+def start_local_ray(ray, num_cpus: int | None, log_to_driver: bool = True) -> None:
+    """A Ray for this machine alone: every process it starts (GCS, raylet, workers, dashboard agent,
+    runtime-env agent) listens on 127.0.0.1 only.
+
+    Ray binds its gRPC servers to 127.0.0.1 exactly when the node's IP is 127.0.0.1, but `ray.init`
+    turns a 127.0.0.1 `_node_ip_address` into the machine's address unless Ray is in its single-machine
+    mode (`ray_constants.ENABLE_RAY_CLUSTER` false, as on macOS and Windows). That switch is set only
+    while this node starts, so nothing else in the process (a `ray start` it runs later) inherits it.
+    scripts/local_ray_sockets.py and tests/test_local_ray.py list the sockets of what Ray started.
+    """
+    from ray._private import ray_constants
+
+    # Ray turns token auth on for a new local cluster (good) and says so on every run (noise): keep the
+    # protection, drop that one line. Its other auth messages (e.g. auth turned off) still show.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenAuthNotice())
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host=LOCAL_HOST, _node_ip_address=LOCAL_HOST,
+                 log_to_driver=log_to_driver)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+class _TokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def shards_in_flight(batch_size: int | str, shard_rows: float) -> int:
+    """Shards a replica holds at once: two, or enough that about two batches of rows are always queued
+    behind its slots (small shards), at most MAX_SHARDS_IN_FLIGHT."""
+    from dgbatch.placement import MAX_SHARDS_IN_FLIGHT
+
+    batch = batch_size if isinstance(batch_size, int) else 256  # 'auto' picks at most 256
+    return max(2, min(MAX_SHARDS_IN_FLIGHT, 1 + math.ceil(2 * batch / max(shard_rows, 1))))
+
+
+class ReplicaPool:
+    """Ray and `cfg.replicas.num_replicas` replicas of `cfg`'s model and engine, starting at once (the
+    model loads while the caller goes on, e.g. plans), or with `start=False` at the first `start` or
+    `run` (a backfill whose partitions are all complete starts neither Ray nor a model); `run` waits
+    for the replicas as it needs them."""
+
+    def __init__(self, cfg: JobConfig, *, start: bool = True):
+        self.cfg = cfg
+        self.ray = None
+        self.handles: list = []
+        self.timings: dict = {}
+        self.closed = False
+        if start:
+            self.start()
+
+    @property
+    def started(self) -> bool:
+        return self.ray is not None
+
+    def start(self) -> None:
+        """Start Ray (or join it) and create the replicas; nothing when already started."""
+        from dgbatch.placement import make_replicas
+
+        if self.started:
+            return
+        if self.closed:
+            raise RuntimeError("this replica pool is closed")
+        cfg = self.cfg
+        t0 = time.time()
+        self.ray = init_ray(cfg)
+        self.timings = {"ray_init_s": round(time.time() - t0, 3), "ray_up_at": time.time()}
+        self.run_id = uuid.uuid4().hex[:8]
+        self.handles = make_replicas(self.ray, cfg, self.run_id)
+        if cfg.parallel.world_size > 1:
+            print(f"starting {len(self.handles)} replica group(s) of {self.handles[0].describe()} "
+                  f"(actors replica-N-gG-{self.run_id}-rankR, namespace dgbatch)", flush=True)
+        else:
+            print(f"starting {len(self.handles)} replica(s) (names replica-N-{self.run_id}, namespace dgbatch)",
+                  flush=True)
+        self.scheduler = Scheduler(self.handles, max_attempts=cfg.replicas.max_shard_attempts)
+        self.scheduler.start()
+
+    def check(self, cfg: JobConfig) -> None:
+        """Refuse a job whose replicas would be different ones."""
+        diff = [s for s in POOL_SECTIONS if getattr(cfg, s) != getattr(self.cfg, s)]
+        if diff:
+            raise ConfigError(f"this job's {', '.join(diff)} section(s) differ from the replica pool's: a pool "
+                              f"runs jobs of one model and engine ({', '.join(POOL_SECTIONS)}); use another pool")
+
+    def run(self, job, shards: list, *, on_done: Callable[[str, dict], None] | None = None,
+            on_rows: Callable[[str, int], None] | None = None, every_round: Callable[[], None] | None = None
+            ) -> dict[str, str]:
+        """Run one job's shards (`ShardMeta`s) on the pool; returns those that failed for good (id -> reason)."""
+        self.start()
+        depth = shards_in_flight(self.cfg.engine.batch_size, sum(s.rows for s in shards) / max(len(shards), 1))
+        return self.scheduler.run([s.shard_id for s in shards], job, self._wait, depth=depth, on_done=on_done,
+                                  on_rows=on_rows, every_round=every_round)
+
+    def _wait(self, refs: list, timeout: float) -> list:
+        ready, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)  # short: Ctrl-C stays prompt
+        if ready:
+            ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
+        return ready
+
+    def stats(self, timeout: float = 10.0) -> list[dict]:
+        """Each live replica's stream stats and start-up timings (empty where a replica does not answer)."""
+        out = []
+        for h in self.handles:
+            ref = h.stats()
+            try:
+                out.append(self.ray.get(ref, timeout=timeout) if ref is not None else {})
+            except Exception:  # noqa: BLE001 - stats are for logs and benchmarks; a dead replica has none
+                out.append({})
+        return out
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            for h in self.handles:
+                h.kill()
+
+    def __enter__(self) -> ReplicaPool:  # noqa: PYI034 - py3.10 has no typing.Self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Background:
+    """`fn()` on a thread; `result()` waits for it and returns its value or raises its exception."""
+
+    def __init__(self, fn: Callable, name: str):
+        self._value = self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable) -> None:
+        try:
+            self._value = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            self._error = e
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value

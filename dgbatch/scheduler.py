@@ -1,0 +1,195 @@
+"""The scheduler: one queue of shards over a set of replicas, with retries. Nothing here knows Ray.
+
+Each replica is behind a handle (`dgbatch.placement` has the Ray ones) that turns what happened to
+it into a few typed outcomes; the scheduler keeps the queue, what each replica holds, and the
+attempts per shard:
+
+    Up                     the replica takes shards (started, or back after a restart)
+    Done(shard, stats)     the shard is committed
+    Retry(shard, error)    that shard's attempt failed; the replica is fine
+    Rows(shard, finished)  rows of a shard in flight finished so far (progress, nothing else)
+    Restarting(error)      every shard the replica held is lost; it is coming back (an Up follows)
+    Gone(error)            every shard it held is lost; it will not come back
+
+A replica holds up to `depth` shards at once (two or more: while one drains, the next fills its
+engine's free slots). A lost or failed shard goes to the back of the queue until it has failed
+`max_attempts` times; then it is recorded as failed. Shards are handed out as replicas have room,
+never pre-assigned, so a faster replica runs more of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+log = logging.getLogger("dgbatch")
+
+
+@dataclass(frozen=True)
+class Up:
+    pass
+
+
+@dataclass(frozen=True)
+class Done:
+    shard: str
+    stats: dict
+
+
+@dataclass(frozen=True)
+class Retry:
+    shard: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Rows:
+    shard: str
+    finished: int
+
+
+@dataclass(frozen=True)
+class Restarting:
+    error: str
+
+
+@dataclass(frozen=True)
+class Gone:
+    error: str
+
+
+Outcome = Up | Done | Retry | Rows | Restarting | Gone
+
+
+class ReplicaHandle(Protocol):
+    """One replica as the scheduler sees it. `waitables` are what `wait` blocks on (Ray object refs);
+    `collect` turns the ready ones, and anything due by `now` (start timeouts, probes), into outcomes.
+    `submit` passes the job along with the shard: a replica serves jobs, not one output."""
+
+    name: str
+
+    def start(self) -> None: ...
+
+    def submit(self, shard: str, job: Any) -> None: ...
+
+    def waitables(self) -> list: ...
+
+    def collect(self, ready: set, now: float) -> list[Outcome]: ...
+
+    def kill(self) -> None: ...
+
+
+Wait = Callable[[list, float], Iterable]  # (waitables, timeout s) -> the ready ones
+
+
+class Scheduler:
+    """Shards over `handles`, one job at a time (`run`); the handles' state (up, gone) outlives a job,
+    so several jobs can run one after another on the same replicas."""
+
+    def __init__(self, handles: Sequence[ReplicaHandle], *, max_attempts: int = 3):
+        self.handles = list(handles)
+        self.max_attempts = max_attempts
+        self.up: set[int] = set()
+        self.gone: set[int] = set()
+        self.last_error = ""
+        self._job(deque(), None, 2, None, None)
+
+    def _job(self, queue: deque, job, depth: int, on_done, on_rows) -> None:
+        self.queue: deque[str] = queue
+        self.job = job
+        self.depth = depth
+        self.on_done: Callable[[str, dict], None] = on_done or (lambda shard, stats: None)
+        self.on_rows: Callable[[str, int], None] = on_rows or (lambda shard, finished: None)
+        self.held: list[set[str]] = [set() for _ in self.handles]  # shards in flight, per replica
+        self.attempts: Counter[str] = Counter()
+        self.failed: dict[str, str] = {}
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue) or any(self.held)
+
+    def start(self) -> None:
+        for h in self.handles:
+            h.start()
+
+    def assign(self) -> None:
+        """Hand queued shards to replicas that are up and have room, the emptiest first."""
+        while self.queue:
+            room = [i for i in self.up if len(self.held[i]) < self.depth]
+            if not room:
+                return
+            i = min(room, key=lambda j: (len(self.held[j]), j))
+            shard = self.queue.popleft()
+            self.held[i].add(shard)
+            self.handles[i].submit(shard, self.job)
+
+    def apply(self, i: int, outcome: Outcome) -> None:
+        """What one outcome of replica `i` changes."""
+        if isinstance(outcome, Up):
+            self.up.add(i)
+        elif isinstance(outcome, Done):
+            if outcome.shard in self.held[i]:
+                self.held[i].discard(outcome.shard)
+                self.on_done(outcome.shard, outcome.stats)
+        elif isinstance(outcome, Retry):
+            if outcome.shard in self.held[i]:
+                self.held[i].discard(outcome.shard)
+                self._retry_or_fail(outcome.shard, outcome.error)
+        elif isinstance(outcome, Rows):
+            if outcome.shard in self.held[i]:
+                self.on_rows(outcome.shard, outcome.finished)
+        elif isinstance(outcome, (Restarting, Gone)):
+            self.last_error = outcome.error
+            self.up.discard(i)
+            if isinstance(outcome, Gone):
+                self.gone.add(i)
+                log.error("replica %s is gone (%s)", self.handles[i].name, outcome.error)
+            lost, self.held[i] = sorted(self.held[i]), set()
+            for shard in lost:
+                self.on_rows(shard, 0)
+                self._retry_or_fail(shard, outcome.error)
+        self._fail_if_no_replica()
+
+    def _fail_if_no_replica(self) -> None:
+        if len(self.gone) == len(self.handles) and self.queue:
+            for shard in self.queue:
+                self.failed[shard] = f"no replica left to run it; last replica error: {self.last_error}"
+            self.queue.clear()
+
+    def _retry_or_fail(self, shard: str, reason: str) -> None:
+        self.attempts[shard] += 1
+        if self.attempts[shard] >= self.max_attempts:
+            self.failed[shard] = f"failed {self.attempts[shard]} attempts; last: {reason}"
+            log.error("shard %s failed for good: %s", shard, reason)
+        else:
+            log.warning("shard %s attempt %d failed (%s); requeued", shard, self.attempts[shard], reason)
+            self.queue.append(shard)
+
+    def poll(self, wait: Wait, timeout: float = 1.0, clock: Callable[[], float] = time.time) -> None:
+        """One round: hand out shards, wait (at most `timeout`) for something to happen, apply it."""
+        self.assign()
+        pending = [w for i, h in enumerate(self.handles) if i not in self.gone for w in h.waitables()]
+        ready = set(wait(pending, timeout)) if pending else set()
+        now = clock()
+        for i, h in enumerate(self.handles):
+            if i not in self.gone:
+                for outcome in h.collect(ready, now):
+                    self.apply(i, outcome)
+
+    def run(self, shards: Sequence[str], job: Any, wait: Wait, *, depth: int = 2,
+            on_done: Callable[[str, dict], None] | None = None, on_rows: Callable[[str, int], None] | None = None,
+            timeout: float = 1.0, clock: Callable[[], float] = time.time,
+            every_round: Callable[[], Any] | None = None) -> dict[str, str]:
+        """Run one job's shards until each is done or failed for good; returns the failed ones (id ->
+        reason). A replica holds up to `depth` shards at once. The handles must have been started."""
+        self._job(deque(shards), job, depth, on_done, on_rows)
+        self._fail_if_no_replica()
+        while self.busy:
+            self.poll(wait, timeout, clock)
+            if every_round is not None:
+                every_round()
+        return self.failed

@@ -1,0 +1,35 @@
+"""Several jobs on one replica pool (the model loaded once), as a backfill runs its partitions."""
+
+from __future__ import annotations
+
+import pytest
+
+from dgbatch import driver
+from dgbatch.config import ConfigError
+from dgbatch.pool import ReplicaPool
+from dgbatch.toy.tasks import sample_examples
+from tests.conftest import engine_reproduction, read_output, write_prompts
+
+FAST = ["sampling.max_new_tokens=32"]
+
+
+def test_jobs_run_one_after_another_on_one_pool_load_the_model_once(ray_local, tmp_path, job_config):
+    parts = []
+    for i in range(2):
+        prompts = [e.prompt for e in sample_examples(10, 30 + i, tasks=("reverse", "repeat"))]
+        path = write_prompts(tmp_path / f"part-{i}.parquet", prompts)
+        parts.append(job_config(path, *FAST, f"output.path={tmp_path / f'out-{i}'}", f"sampling.seed={i}",
+                                "plan.shard_rows=4"))
+    with ReplicaPool(parts[0]) as pool:
+        loaded = []
+        for cfg in parts:
+            assert driver.run(cfg, pool=pool) == 0
+            loaded.append([(s["process_start"], s["ready_at"]) for s in pool.stats()])
+        with pytest.raises(ConfigError, match="model section"):
+            driver.run(job_config(tmp_path / "part-0.parquet", "model.dtype=bfloat16",
+                                  f"output.path={tmp_path / 'other'}"), pool=pool)
+    assert loaded[0] == loaded[1]  # the same replica process, loaded once, ran both jobs
+    for i, cfg in enumerate(parts):
+        out = read_output(tmp_path / f"out-{i}")
+        texts = dict(zip(out.column("id").to_pylist(), out.column("output_text").to_pylist()))
+        assert len(texts) == 10 and texts == engine_reproduction(cfg, tmp_path / f"out-{i}")

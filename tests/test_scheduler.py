@@ -1,0 +1,152 @@
+"""The scheduler alone, over fake replica handles (no Ray): queue, shards in flight, retries, lost replicas."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from dgbatch.scheduler import Done, Gone, Restarting, Retry, Rows, Scheduler, Up
+
+
+class FakeReplica:
+    """A replica that finishes each shard after `polls` rounds. `script` says, per shard, what its
+    attempts on this replica do: 'ok' (committed), 'retry' (the shard fails, the replica is fine),
+    'restart' (the replica loses everything it holds and is back two rounds later) or 'gone'."""
+
+    def __init__(self, name: str, polls: int = 1, script: dict[str, list[str]] | None = None):
+        self.name = name
+        self.polls = polls
+        self.script = script or {}
+        self.running: dict[str, int] = {}
+        self.started = self.announced = self.dead = False
+        self.down_for = 0
+        self.submitted: list[tuple[str, object]] = []
+        self.max_held = 0
+
+    def start(self) -> None:
+        self.started = True
+
+    def submit(self, shard: str, job) -> None:
+        assert self.announced and not self.down_for and not self.dead, "a shard went to a replica that is not up"
+        self.running[shard] = self.polls
+        self.submitted.append((shard, job))
+        self.max_held = max(self.max_held, len(self.running))
+
+    def waitables(self) -> list:
+        return [self]
+
+    def collect(self, ready: set, now: float) -> list:
+        assert self in ready
+        if self.started and not self.announced:
+            self.announced = True
+            return [Up()]
+        if self.down_for:
+            self.down_for -= 1
+            return [] if self.down_for else [Up()]
+        out = []
+        for shard in list(self.running):
+            self.running[shard] -= 1
+            if self.running[shard] > 0:
+                out.append(Rows(shard, self.polls - self.running[shard]))
+                continue
+            del self.running[shard]
+            what = self.script[shard].pop(0) if self.script.get(shard) else "ok"
+            if what == "ok":
+                out.append(Done(shard, {"rows": 1, "by": self.name}))
+            elif what == "retry":
+                out.append(Retry(shard, "ValueError: bad shard"))
+            elif what == "restart":
+                self.running.clear()
+                self.down_for = 2
+                return [*out, Restarting("RayActorError: the actor died")]
+            else:
+                self.running.clear()
+                self.dead = True
+                return [*out, Gone("RayActorError: gone for good")]
+        return out
+
+    def kill(self) -> None:
+        self.dead = True
+
+
+def run(handles, shards, *, depth=2, max_attempts=3, job="job-1", scheduler=None):
+    done: Counter[str] = Counter()
+    by: dict[str, str] = {}
+    rows: list[tuple[str, int]] = []
+
+    def on_done(shard, stats):
+        done[shard] += 1
+        by[shard] = stats["by"]
+
+    s = scheduler or Scheduler(handles, max_attempts=max_attempts)
+    if scheduler is None:
+        s.start()
+    failed = s.run(shards, job, lambda waitables, timeout: waitables, depth=depth, on_done=on_done,
+                   on_rows=lambda shard, n: rows.append((shard, n)), clock=lambda: 0.0)
+    return failed, done, by, rows, s
+
+
+def shards(n: int) -> list[str]:
+    return [f"s{i:02d}" for i in range(n)]
+
+
+def test_every_shard_is_done_exactly_once_and_a_faster_replica_runs_more():
+    fast, slow = FakeReplica("fast", polls=1), FakeReplica("slow", polls=4)
+    failed, done, by, _, _ = run([fast, slow], shards(30), depth=3)
+    assert failed == {}
+    assert done == Counter({s: 1 for s in shards(30)})
+    assert Counter(by.values())["fast"] > 2 * Counter(by.values())["slow"] > 0
+    assert fast.max_held <= 3 and slow.max_held == 3  # never more than `depth` shards in flight
+
+
+def test_a_replica_holds_several_shards_at_once_so_its_engine_always_has_a_next_one():
+    r = FakeReplica("r", polls=3)
+    run([r], shards(6), depth=2)
+    assert r.max_held == 2
+    assert [s for s, _ in r.submitted] == shards(6)  # in queue order
+
+
+def test_a_failing_shard_is_retried_then_recorded_and_the_replica_keeps_working():
+    r = FakeReplica("r", script={"s01": ["retry", "retry", "retry"], "s02": ["retry", "ok"]})
+    failed, done, _, _, s = run([r], shards(4), max_attempts=3)
+    assert set(failed) == {"s01"} and "failed 3 attempts; last: ValueError: bad shard" in failed["s01"]
+    assert set(done) == {"s00", "s02", "s03"} and s.attempts["s02"] == 1
+    assert [x for x, _ in r.submitted].count("s01") == 3
+
+
+def test_a_restarting_replica_loses_what_it_held_and_gets_it_back_when_it_is_up():
+    r = FakeReplica("r", polls=2, script={"s00": ["restart", "ok"]})
+    failed, done, _, rows, s = run([r], shards(5), depth=2)
+    assert failed == {} and done == Counter({x: 1 for x in shards(5)})
+    # s00 and s01 were in flight when it died: each requeued, one attempt counted
+    assert s.attempts == Counter({"s00": 1, "s01": 1})
+    assert ("s00", 0) in rows  # the lost shard's finished rows are reset for the progress line
+
+
+def test_a_gone_replicas_shards_go_to_the_others():
+    gone, other = FakeReplica("gone", polls=2, script={"s00": ["gone"]}), FakeReplica("other", polls=2)
+    failed, done, by, _, _ = run([gone, other], shards(8), depth=2)
+    assert failed == {} and done == Counter({x: 1 for x in shards(8)})
+    assert by["s00"] == "other"
+
+
+def test_with_every_replica_gone_the_rest_of_the_queue_fails_with_the_last_error():
+    r = FakeReplica("r", script={"s00": ["gone"]})
+    failed, done, _, _, _ = run([r], shards(4), depth=1)
+    assert not done
+    for shard in ("s00", "s01", "s02", "s03"):  # s00 had tries left, but nothing to run it
+        assert failed[shard] == "no replica left to run it; last replica error: RayActorError: gone for good"
+
+
+def test_rows_of_shards_in_flight_are_reported_as_they_finish():
+    r = FakeReplica("r", polls=3)
+    _, _, _, rows, _ = run([r], shards(2), depth=2)
+    assert ("s00", 1) in rows and ("s00", 2) in rows and ("s01", 2) in rows
+
+
+def test_a_second_job_runs_on_the_same_replicas_without_starting_them_again():
+    a, b = FakeReplica("a"), FakeReplica("b", polls=2)
+    _, done1, _, _, s = run([a, b], shards(6), job="job-1")
+    failed, done2, _, _, _ = run([a, b], ["t0", "t1", "t2"], job="job-2", scheduler=s)
+    assert failed == {} and set(done1) == set(shards(6)) and set(done2) == {"t0", "t1", "t2"}
+    jobs = {shard: job for r in (a, b) for shard, job in r.submitted}
+    assert {jobs[x] for x in shards(6)} == {"job-1"} and {jobs[x] for x in ("t0", "t1", "t2")} == {"job-2"}
