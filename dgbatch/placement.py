@@ -114,7 +114,7 @@ class SingleReplica:
                 self.timings = self.timings or value
                 out.append(Up())
             elif kind == "progress" and lost is None:
-                out += [Rows(s, n) for s, n in value.items()]
+                out += [Rows(s, rows, tokens) for s, (rows, tokens) in value.items()]
         if lost is not None:
             return out + lost
         if self.probe_at is not None and self.probe_at <= now:
@@ -238,7 +238,7 @@ class ReplicaGroup:
             elif kind == "shard":
                 out.append(Done(what, value))
             elif kind == "progress":
-                out += [Rows(s, n) for s, n in value.items()]
+                out += [Rows(s, rows, tokens) for s, (rows, tokens) in value.items()]
         if self.setups_left and now - self.started_at > self.cfg.parallel.startup_timeout_s:
             return out + self._tear_down(TimeoutError(
                 f"replica group {self.index} ({self.describe()}) was not up {self.cfg.parallel.startup_timeout_s:g} s "

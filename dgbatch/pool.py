@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 
 from dgbatch.config import ConfigError, JobConfig
-from dgbatch.scheduler import Scheduler
+from dgbatch.scheduler import JobObserver, Scheduler
 
 log = logging.getLogger("dgbatch")
 
@@ -91,13 +91,11 @@ class ReplicaPool:
             raise ConfigError(f"this job's {', '.join(diff)} section(s) differ from the replica pool's: a pool "
                               f"runs jobs of one model and engine ({', '.join(POOL_SECTIONS)}); use another pool")
 
-    def run(self, job, shards: list, *, on_done: Callable[[str, dict], None] | None = None,
-            on_rows: Callable[[str, int], None] | None = None, every_round: Callable[[], None] | None = None
-            ) -> dict[str, str]:
-        """Run one job's shards (`ShardMeta`s) on the pool; returns those that failed for good (id -> reason)."""
+    def run(self, job, shards: list, *, observer: JobObserver | None = None) -> dict[str, str]:
+        """Run one job's shards (`ShardMeta`s) on the pool; returns those that failed for good (id -> reason).
+        `observer` hears what happens to them (`scheduler.JobObserver`)."""
         depth = shards_in_flight(self.cfg.engine.batch_size, sum(s.rows for s in shards) / max(len(shards), 1))
-        return self.scheduler.run([s.shard_id for s in shards], job, self._wait, depth=depth, on_done=on_done,
-                                  on_rows=on_rows, every_round=every_round)
+        return self.scheduler.run([s.shard_id for s in shards], job, self._wait, depth=depth, observer=observer)
 
     def _wait(self, refs: list, timeout: float) -> list:
         ready, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)  # short: Ctrl-C stays prompt

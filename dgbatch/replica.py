@@ -117,7 +117,7 @@ class Replica:
     def run_shard(self, shard_id: str, job: JobContext) -> dict:
         return self.stream.run_shard(shard_id, job)
 
-    def progress(self) -> dict[str, int]:
+    def progress(self) -> dict[str, tuple[int, int]]:
         return self.stream.progress()
 
     def stats(self) -> dict:
@@ -205,7 +205,7 @@ class ReplicaRank:
         """The leader only: run and commit one shard with every rank; returns its stats."""
         return self.stream.run_shard(shard_id, job)
 
-    def progress(self) -> dict[str, int]:
+    def progress(self) -> dict[str, tuple[int, int]]:
         return self.stream.progress()
 
     def stats(self) -> dict:

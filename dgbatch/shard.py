@@ -59,6 +59,7 @@ class JobContext:
     longest_prompt: int  # the plan's longest prompt, in tokens: sizes the slots (and an 'auto' batch)
     storage: StorageSection = field(default_factory=StorageSection)
     output_filter: OutputFilter | None = None  # output.filters, when the job sets any
+    label: str = ""  # the job's label on the replicas' metrics (its output URL, `dgbatch.metrics`)
 
     @property
     def key(self) -> tuple[str, str]:
