@@ -132,6 +132,10 @@ class OutputSection(Section):
     drop_filtered: bool = Field(
         False, description="Write rows that fail output.filters under PATH/filtered/ instead of PATH/data/."
     )
+    progress_every_s: float = Field(
+        5.0, gt=0, description="Seconds between progress lines (when stdout is not a terminal) and rewrites of "
+        "PATH/_progress.json."
+    )
 
     @model_validator(mode="after")
     def _drop_needs_filters(self) -> OutputSection:

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dgbatch import __version__, checkpoint, redact
 from dgbatch.config import ConfigError, JobConfig
@@ -21,9 +21,11 @@ from dgbatch.filters import OutputFilter
 from dgbatch.io.commit import list_names, read_json, write_bytes, write_json
 from dgbatch.io.fs import filesystem
 from dgbatch.io.layout import READER_CONFIG, Layout
+from dgbatch.monitor import JobMonitor
 from dgbatch.planning.planner import SHARD_FORMAT, ShardMeta, bucket_edges, plan_fragment
 from dgbatch.planning.source import InputPlan, inspect_input
 from dgbatch.pool import Background, ReplicaPool
+from dgbatch.progress import JobProgress
 from dgbatch.shard import JobContext
 from dgbatch.stats import ShardStats
 
@@ -53,44 +55,17 @@ class Plan:
         return Plan(d["fingerprint"], d["edges"], d["num_rows"], [ShardMeta.from_dict(s) for s in d["shards"]])
 
 
-@dataclass
-class Progress:
-    total_rows: int
-    done_rows: int = 0  # rows of committed shards
-    out_tokens: int = 0
-    start: float = field(default_factory=time.time)
-    last_print: float = 0.0
-    in_flight: dict[str, int] = field(default_factory=dict)  # shard -> rows finished, before its commit
+def progress_of(plan: Plan, committed: Collection[str]) -> JobProgress:
+    """A job's progress at the start of a run: what earlier runs committed counts as done."""
+    done = [s for s in plan.shards if s.shard_id in committed]
+    return JobProgress(plan.num_rows, len(plan.shards), rows_committed=sum(s.rows for s in done),
+                       shards_done=len(done))
 
-    def add(self, stats: dict) -> None:
-        self.done_rows += stats["rows"]
-        self.out_tokens += stats["output_tokens"]
 
-    def committed(self, shard: str, stats: dict) -> None:
-        self.in_flight.pop(shard, None)
-        self.add(stats)
-
-    def running(self, shard: str, finished: int) -> None:
-        """Rows of a shard in flight finished so far (0: the shard was lost, or it is committed)."""
-        if finished:
-            self.in_flight[shard] = finished
-        else:
-            self.in_flight.pop(shard, None)
-
-    def maybe_print(self, base_rows: int, every_s: float = 5.0) -> None:
-        if time.time() - self.last_print >= every_s:
-            self.last_print = time.time()
-            print(self.line(base_rows), flush=True)
-
-    def line(self, base_rows: int) -> str:
-        el = max(time.time() - self.start, 1e-9)
-        finished = self.done_rows + sum(self.in_flight.values())
-        rate = (finished - base_rows) / el
-        left = self.total_rows - finished
-        eta = f"{left / rate:,.0f}s" if rate > 0 else "?"
-        pct = 100 * finished / max(self.total_rows, 1)
-        return (f"rows {finished:,}/{self.total_rows:,} ({pct:.1f}%) | {rate:,.1f} rows/s | "
-                f"{self.out_tokens / el:,.0f} output tok/s | ETA {eta}")
+def prompt_padding(plan: Plan) -> float:
+    """Fraction of the plan's prompt positions that are padding, batched as the planner assumed."""
+    positions = sum(s.padded_positions for s in plan.shards)
+    return 1 - sum(s.prompt_tokens for s in plan.shards) / positions if positions else 0.0
 
 
 def job_meta(cfg: JobConfig, params) -> dict:
@@ -201,9 +176,6 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaP
         plan = planning.result() if planning is not None else reused
         t_planned = time.time()
         todo, committed = remaining(fs, layout, plan)
-        progress = Progress(plan.num_rows)
-        progress.done_rows = sum(s.rows for s in plan.shards if s.shard_id in committed)
-        base_rows = progress.done_rows
         if committed:
             print(f"resuming: {len(committed)} of {len(plan.shards)} shards already committed, {len(todo)} to run")
 
@@ -211,11 +183,18 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaP
         if fs.exists(layout.failed()):  # last run's failures are retried now; this run records its own
             fs.rm(layout.failed(), recursive=True)
         if todo:
+            label = redact.scrub(layout.url(fs))  # the job on the metrics
             job = JobContext(cfg.output.path, root, job_meta(cfg, params), cfg.input.id_column, params,
-                             plan.longest_prompt, cfg.storage, OutputFilter.of(cfg.output))
-            failed = pool.run(job, todo, on_done=progress.committed, on_rows=progress.running,
-                              every_round=lambda: progress.maybe_print(base_rows))
-            print(progress.line(base_rows), flush=True)
+                             plan.longest_prompt, cfg.storage, OutputFilter.of(cfg.output), label)
+            monitor = JobMonitor(progress_of(plan, committed), fs, layout, label, pool.run_id,
+                                 cfg.output.progress_every_s)
+            monitor.metrics.padding(prompt_padding(plan))
+            state = "interrupted"
+            try:
+                failed = pool.run(job, todo, observer=monitor)
+                state = "failed" if failed else "finished"
+            finally:
+                monitor.close(state)
             if own:  # (a shared pool started before this job: its start-up is not this job's)
                 _log_start_up(t_start, t_checked, t_planned, pool)
         if failed:

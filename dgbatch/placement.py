@@ -139,6 +139,9 @@ class SingleReplica:
     def stats(self):
         return self.actor.stats.remote()
 
+    def flush_metrics(self):
+        return self.actor.flush_metrics.remote()
+
     def kill(self) -> None:
         self.ray.kill(self.actor)
 
@@ -264,6 +267,9 @@ class ReplicaGroup:
 
     def stats(self):
         return self.actors[0].stats.remote() if self.actors else None
+
+    def flush_metrics(self):
+        return self.actors[0].flush_metrics.remote() if self.actors and not self.setups_left else None
 
     def kill(self) -> None:
         from ray.util.placement_group import remove_placement_group

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import threading
 import time
 import uuid
@@ -29,12 +31,12 @@ POOL_SECTIONS = ("model", "engine", "parallel", "replicas")  # what the replicas
 
 
 def init_ray(cfg: JobConfig):
-    import os
-
     import ray
 
     if ray.is_initialized():
         return ray
+    if not sys.stdout.isatty():  # replicas' log lines in a log file (`ray job logs`): no colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=True)
     elif os.environ.get("RAY_ADDRESS"):
@@ -70,6 +72,7 @@ class ReplicaPool:
 
         self.cfg = cfg
         t0 = time.time()
+        self.cluster_outlives_us = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))  # not a local Ray of ours
         self.ray = init_ray(cfg)
         self.timings = {"ray_init_s": round(time.time() - t0, 3), "ray_up_at": time.time()}
         self.run_id = uuid.uuid4().hex[:8]
@@ -117,8 +120,22 @@ class ReplicaPool:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.cluster_outlives_us:
+                self._flush_metrics()
             for h in self.handles:
                 h.kill()
+
+    def _flush_metrics(self) -> None:
+        """On a cluster that outlives this driver, the replicas record their last metrics and everyone
+        waits one export interval, so Ray exports them before the processes exit (`dgbatch.metrics`)."""
+        from dgbatch.metrics import export_interval_s
+
+        refs = [r for r in (h.flush_metrics() for h in self.handles) if r is not None]
+        if refs:  # a dead replica's call fails: it has nothing to flush
+            self.ray.wait(refs, num_returns=len(refs), timeout=10)
+        wait = export_interval_s() + 0.5
+        log.info("waiting %.1f s for Ray to export the job's last metrics", wait)
+        time.sleep(wait)
 
     def __enter__(self) -> ReplicaPool:  # noqa: PYI034 - py3.10 has no typing.Self
         return self

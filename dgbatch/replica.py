@@ -82,6 +82,9 @@ def _load(cfg: JobConfig, mesh=None, timings: dict | None = None):
     t0 = time.time()
     import torch  # noqa: F401 - timed here, apart from the model load
     from transformers import DiffusionGemmaForBlockDiffusion  # noqa: F401
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its carriage returns would land in the job's log
 
     from dgbatch import checkpoint
 
@@ -108,6 +111,7 @@ class Replica:
         _actor_logging(cfg)
         model, tokenizer, pad_id, eos_ids = _load(cfg, timings=self.timings)
         self.stream = _stream(cfg, Backends(cfg, model, pad_id, eos_ids), tokenizer, eos_ids).start()
+        self.reporter = _reporter(self.stream)
         self.timings["ready_at"] = time.time()
 
     def ready(self) -> dict:
@@ -120,8 +124,22 @@ class Replica:
     def progress(self) -> dict[str, tuple[int, int]]:
         return self.stream.progress()
 
+    def flush_metrics(self) -> None:
+        """Record the metrics of what happened since the last report now (before the actor is killed)."""
+        self.reporter.report()
+
     def stats(self) -> dict:
         return {**self.stream.stats.to_dict(), **self.timings}
+
+
+def _reporter(stream):
+    """The replica's metrics reporter, labelled with its actor's name (a parallel replica's: its group's)."""
+    import ray
+
+    from dgbatch.metrics import ReplicaReporter
+
+    name = ray.get_runtime_context().get_actor_name() or f"pid-{os.getpid()}"
+    return ReplicaReporter(stream, name.removesuffix("-rank0")).start()
 
 
 def _stream(cfg: JobConfig, factory: Backends, tokenizer, eos_ids, **kwargs):
@@ -193,6 +211,7 @@ class ReplicaRank:
                               heartbeat_s=min(5.0, p.timeout_s / 4))
         if self.mesh.is_leader:
             self.stream.start()
+            self.reporter = _reporter(self.stream)
         self.timings["ready_at"] = time.time()
         return {"rank": self.rank, "backend": backend, "device": str(next(model.parameters()).device),
                 **self.timings}
@@ -207,6 +226,10 @@ class ReplicaRank:
 
     def progress(self) -> dict[str, tuple[int, int]]:
         return self.stream.progress()
+
+    def flush_metrics(self) -> None:
+        """The leader: record its metrics now (before the group is torn down)."""
+        self.reporter.report()
 
     def stats(self) -> dict:
         return {**self.stream.stats.to_dict(), **self.timings}
