@@ -5,7 +5,7 @@ checks it).
 
 Each fact is counted where it is known: the driver counts what happens to shards (`DriverMetrics`,
 from the scheduler's observer); each replica counts its rows and engine steps (`ReplicaReporter`, a
-thread that reads the stream's counters every `REPORT_EVERY_S`, so the engine loop only adds to a
+thread that reads the stream's counters twice per export interval, so the engine loop only adds to a
 few counters per row). Labels: `job` (the job's output URL, credentials scrubbed: what `dgbatch
 status` takes) and, on a replica's metrics, `replica` (its name, `replica-N-RUNID`).
 
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 log = logging.getLogger("dgbatch")
 
-REPORT_EVERY_S = 5.0  # a replica's metrics; gauges Ray has not heard of for two export intervals disappear
 
 
 @dataclass(frozen=True)
@@ -147,11 +146,13 @@ class DriverMetrics:
 
 
 class ReplicaReporter:
-    """A replica's metrics: every `every_s`, the rows its stream finished since the last report (per
+    """A replica's metrics: every `every_s` (default: twice per Ray export), the rows its stream finished since the last report (per
     job label) and what its engine did (`EngineStats` deltas; the reference backend has none)."""
 
-    def __init__(self, stream, replica: str, every_s: float = REPORT_EVERY_S):
-        self.stream, self.replica, self.every_s = stream, replica, every_s
+    def __init__(self, stream, replica: str, every_s: float | None = None):
+        self.stream, self.replica = stream, replica
+        # twice per export: more often is never seen; a gauge not set for two exports disappears
+        self.every_s = every_s or max(export_interval_s() / 2, 0.5)
         self.m = _metrics("replica")
         self._stats = None  # the EngineStats object the baselines below are of (a new backend: a new one)
         self._prev = (0, 0, 0, {})  # decoder calls, computed and useful row-forwards, canvas steps

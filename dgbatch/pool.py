@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -35,8 +36,9 @@ def init_ray(cfg: JobConfig):
 
     if ray.is_initialized():
         return ray
-    if not sys.stdout.isatty():  # replicas' log lines in a log file (`ray job logs`): no colour codes
+    if not sys.stdout.isatty():  # a log file (`ray job logs`): no colour codes in Ray's lines or the replicas'
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        logging.getLogger("ray._private.worker").addFilter(_PlainText())
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=True)
     elif os.environ.get("RAY_ADDRESS"):
@@ -47,6 +49,14 @@ def init_ray(cfg: JobConfig):
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenAuthNotice())
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
     return ray
+
+
+class _PlainText(logging.Filter):
+    """Ray's "Connected to Ray cluster. View the dashboard at ..." without its colour codes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()), ()
+        return True
 
 
 class _TokenAuthNotice(logging.Filter):
