@@ -68,7 +68,7 @@ class JobMonitor(JobObserver):
             shards_total=self.p.shards_total, shards_in_flight=self.p.shards_in_flight,
             shards_failed=self.p.shards_failed, output_tokens=self.p.output_tokens, rows_per_s=rows_per_s or 0.0,
             output_tokens_per_s=tokens_per_s or 0.0, eta_s=self.p.eta_s(), state=state, run_id=self.run_id,
-            started_at=self.p.started_at, updated_at=now or time.time(),
+            started_at=self.p.started_at, updated_at=time.time() if now is None else now,
         )  # fmt: skip
 
     def close(self, state: str) -> None:

@@ -73,7 +73,7 @@ class JobProgress:
 
     def sample(self, now: float | None = None) -> None:
         """Take a reading for the rates (the driver does, every round)."""
-        now = now or time.time()
+        now = time.time() if now is None else now
         s = self._samples
         s.append((now, self.rows_done, self.output_tokens))
         # keep the last reading before any row finished (the rates start there) or before the window
@@ -116,10 +116,10 @@ class LineDisplay:
     def __init__(self, every_s: float, out=None):
         self.every_s = every_s
         self.out = out or sys.stdout
-        self.last = 0.0
+        self.last: float | None = None
 
     def update(self, p: JobProgress, now: float) -> None:
-        if now - self.last >= self.every_s:
+        if self.last is None or now - self.last >= self.every_s:
             self.last = now
             print(p.line(), file=self.out, flush=True)
 
