@@ -50,7 +50,7 @@ def test_the_plain_display_prints_one_line_every_few_seconds_and_no_control_char
     out = io.StringIO()
     d = display(p, every_s=5.0, out=out)
     assert isinstance(d, LineDisplay)
-    for t in range(0, 21):
+    for t in range(21):
         p.running("s", 10 * t, 20 * t)
         p.sample(float(t))
         d.update(p, float(t))
