@@ -2,9 +2,10 @@
 
     python benchmarks/driver_memory_bench.py --shards 1000 3000 10000 --out bench-driver-memory.json
 
-The plan manifest, the `data/` files (empty) and the `_commits/` markers (realistic `ShardStats`)
-are written first; the measured process (fresh, one per size) then reuses the manifest, lists
-`data/`, computes `todo` and `Progress`, and runs `driver.finish`, which merges every marker."""
+The plan manifest (of a tiny real input), the `data/` files (empty) and the `_commits/` markers
+(realistic `ShardStats`, describing those files) are written first; the measured process (fresh,
+one per size) then reuses the manifest, checks the commits (`commits.verify`), computes `todo` and
+`Progress`, and runs `driver.finish`, which checks them again and merges every marker."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from _common import (
     run_child,
     save,
     workdir,
+    write_input,
 )
 
 CHILD = "_child"  # the first argument of the hidden child run
@@ -53,38 +55,44 @@ def fake_stats_pool(rows: int, size: int = 64, seed: int = 0) -> list[dict]:
 
 
 def write_committed_job(root: Path, cfg, num_shards: int, shard_rows: int) -> None:
-    """A plan manifest of `num_shards` shards, each with an (empty) data file and a commit marker."""
+    """A plan manifest of `num_shards` shards, each with an (empty) data file and a commit marker that
+    describes it, for the plan of `cfg`'s (tiny, real) input at max_prompt 0."""
     from dgbatch import driver
+    from dgbatch.config import fingerprint_of
     from dgbatch.io.commit import write_json
     from dgbatch.io.fs import filesystem
     from dgbatch.io.layout import Layout
+    from dgbatch.io.markers import DataFile, marker
     from dgbatch.planning.planner import ShardMeta
+    from dgbatch.planning.source import inspect_input
 
     fs, _ = filesystem(str(root))
     layout = Layout(str(root))
+    inp = inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows)
+    plan_id = fingerprint_of(driver.plan_identity(cfg.identity({"model.max_prompt_tokens": 0}), inp))
     shards = [ShardMeta(f"f{i // 64:06d}-b{i % 8:02d}-{(i // 8) % 8:04d}", shard_rows, i % 8, 0,
                         shard_rows * 150, shard_rows * 180) for i in range(num_shards)]
-    write_json(fs, layout.plan_manifest, driver.Plan(cfg.fingerprint(), [32, 64, 128, 256, 384, 512, 768],
-                                                     num_shards * shard_rows, shards).to_dict())
+    write_json(fs, layout.plan_manifest, driver.Plan(plan_id, [32, 64, 128, 256, 384, 512, 768],
+                                                     num_shards * shard_rows, shards, inp.identity()).to_dict())
     data, commits = Path(layout.data()), Path(layout.commit())
     data.mkdir(parents=True, exist_ok=True)
     commits.mkdir(parents=True, exist_ok=True)
     pool = fake_stats_pool(shard_rows)
+    empty = DataFile.of_bytes(b"", shard_rows)
     for i, s in enumerate(shards):  # plain writes: the layout the driver reads, without per-file fsyncs
         (data / f"{s.shard_id}.parquet").write_bytes(b"")
-        (commits / f"{s.shard_id}.json").write_text(json.dumps(pool[i % len(pool)], indent=2) + "\n")
+        m = marker(s.shard_id, plan_id, empty, pool[i % len(pool)])
+        (commits / f"{s.shard_id}.json").write_text(json.dumps(m, indent=2) + "\n")
 
 
 def child_driver_memory(args: argparse.Namespace) -> None:
     """In a fresh process: the resume path of driver.run from make_plan (reused) to finish."""
-    from dgbatch import driver
-    from dgbatch.io.commit import list_names
+    from dgbatch import commits, driver
     from dgbatch.io.fs import filesystem
     from dgbatch.io.layout import Layout
-    from dgbatch.shard import stats_of_output  # noqa: F401 - imported by finish; keep it out of the phase
 
     cfg = job_config(Path(args.input), Path(args.output))
-    max_prompt_of(cfg)  # as driver.run does before planning
+    max_prompt_of(cfg)  # as driver.run does before planning: imports transformers (and torch), a real baseline
     with peak_memory() as mem:
         t_start = time.time()
         fs, root = filesystem(cfg.output.path, cfg.storage)
@@ -92,7 +100,7 @@ def child_driver_memory(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         plan = driver.make_plan(None, cfg, fs, layout, None, 0)  # fingerprint matches: reads the manifest only
         t1 = time.perf_counter()
-        committed = {n.removesuffix(".parquet") for n in list_names(fs, layout.data(), ".parquet")}
+        committed = commits.verify(fs, layout, plan.fingerprint, plan.shard_rows()).shards
         todo = [s for s in plan.shards if s.shard_id not in committed]
         driver.progress_of(plan, committed)
         t2 = time.perf_counter()
@@ -117,13 +125,14 @@ def cmd_driver_memory(args: argparse.Namespace) -> None:
     start = machine()
     results = []
     with workdir(args.workdir, args.keep) as work:
+        write_input(work / "tiny-input", ["reverse abc"], 1, 1)  # what the plan was made from
         for n in args.shards:
             root = work / f"job-{n}"
-            cfg = job_config(work / "input-not-read", root)
+            cfg = job_config(work / "tiny-input", root)
             t0 = time.perf_counter()
             write_committed_job(root, cfg, n, args.shard_rows)
             gen_s = time.perf_counter() - t0
-            res = run_child(__file__, [CHILD, "--input", str(work / "input-not-read"), "--output", str(root)],
+            res = run_child(__file__, [CHILD, "--input", str(work / "tiny-input"), "--output", str(root)],
                             args.timeout)
             if res["todo"] or res["rc"] or res["summary_rows"] != n * args.shard_rows:
                 raise RuntimeError(f"resume bookkeeping went wrong at {n} shards: {res}")

@@ -95,7 +95,7 @@ def child_alone(args: argparse.Namespace) -> None:
     fs, root = filesystem(str(out))
     reqs = []
     for s in manifest["shards"]:
-        reqs += requests_of(read_shard(fs, Layout(root).plan_shard(s["shard_id"])))[1]
+        reqs += requests_of(read_shard(fs, Layout(root).plan_shard(s["shard_id"]))).requests
     backend = EngineBackend(model, params, cfg.engine.batch_size, pad, eos)
     t0, c0 = time.perf_counter(), time.process_time()
     gens = backend.generate(reqs)

@@ -40,11 +40,11 @@ CHILD = "_child"  # the first argument of the hidden child run
 def child_planning(args: argparse.Namespace) -> None:
     """In a fresh process: resolve the job as driver.run does, start Ray, time make_plan."""
     from dgbatch import driver
-    from dgbatch.pool import init_ray
     from dgbatch.io.commit import list_names
     from dgbatch.io.fs import filesystem, join
     from dgbatch.io.layout import Layout
     from dgbatch.planning.source import inspect_input
+    from dgbatch.pool import init_ray
 
     cfg = job_config(Path(args.input), Path(args.output), args.overrides)
     fs, root = filesystem(cfg.output.path, cfg.storage)

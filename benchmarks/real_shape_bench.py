@@ -152,7 +152,7 @@ def main() -> None:
                 r["computed_row_forwards"] = counter.rows
                 r["decoder_calls"] = counter.calls
             r["slot_utilization"] = round(r["useful_row_forwards"] / max(1, r["computed_row_forwards"]), 3)
-        except Exception as e:  # one failing backend must not lose the others' numbers
+        except Exception as e:  # noqa: BLE001 - one failing backend must not lose the others' numbers
             r = {"backend": name, "error": f"{type(e).__name__}: {e}"[:2000]}
         summary["results"].append(r)
         print(json.dumps(r), flush=True)

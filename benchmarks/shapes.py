@@ -40,12 +40,12 @@ TEXT_26B_A4B = {**REAL_26B_A4B, "num_hidden_layers": 30}
 
 # The same structure at CPU size (for `--device cpu --tiny`), keeping the ratios sharding cares about:
 # 16 q heads, 8 / 2 KV heads, experts top-k of many (16 top-4).
-TEXT_TINY = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=16,
-    num_key_value_heads=8, num_global_key_value_heads=2, head_dim=8, global_head_dim=16, sliding_window=32,
-    num_experts=16, top_k_experts=4, moe_intermediate_size=32, max_position_embeddings=4096,
-    pad_token_id=0, eos_token_id=1, bos_token_id=2,
-)  # fmt: skip
+TEXT_TINY = {
+    "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 6, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "num_global_key_value_heads": 2, "head_dim": 8, "global_head_dim": 16, "sliding_window": 32,
+    "num_experts": 16, "top_k_experts": 4, "moe_intermediate_size": 32, "max_position_embeddings": 4096,
+    "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+}  # fmt: skip
 
 
 def layer_types(n: int) -> list[str]:

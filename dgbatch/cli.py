@@ -1,9 +1,11 @@
-"""The command line: `dgbatch run | eval | plan | status | report`, and the parser every job entrypoint shares.
+"""The command line: `dgbatch run | eval | backfill | plan | status | report`, and the parser every job
+entrypoint shares.
 
 A job command takes `CONFIG [section.key=value ...]` and runs a job: `dgbatch run` here, and the same
 command as `python -m jobs.generate` under `ray job submit`. Each is one entry in `JOB_COMMANDS`; a new
-job (an eval, a backfill) is one entry there plus a `jobs/NAME.py` that calls `job_main("NAME")`, so
+job (an eval) is one entry there plus a `jobs/NAME.py` that calls `job_main("NAME")`, so
 `dgbatch NAME --help` and `python -m jobs.NAME --help` say the same thing and parse the same way.
+`backfill` takes dated options interleaved with overrides, so it parses its own (`backfill_job`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dgbatch import __version__, redact
-from dgbatch.config import ConfigError, load_config
-from dgbatch.driver import EXIT_BAD_INPUT
-
-EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal, as shells report it
+from dgbatch.config import load_config
+from dgbatch.errors import EXIT_SIGINT, EXIT_SIGTERM, JobError, root_cause
 
 
 @dataclass(frozen=True)
@@ -106,10 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
                                         "report.json) about a job's output.")
     report.add_argument("output", metavar="OUTPUT", help="the job's output root (a path or URL), or its CONFIG")
     report.add_argument("--out", metavar="DIR", default=None, help="where to write it [OUTPUT/_report]")
+    sub.add_parser("backfill", help="run a job over date or hour partitions (dgbatch backfill -h)", add_help=False)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["backfill"]:  # its own parser: options and key=value overrides may be interleaved
+        return backfill_job(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command in JOB_COMMANDS:
         return _run_parsed(args.command, args)
@@ -128,9 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             from dgbatch import report
 
             return report.main(args.output, args.out)
-    except ConfigError as e:
-        print(f"dgbatch: error: {redact.scrub(str(e))}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except Exception as e:  # noqa: BLE001 - job_error re-raises what is not a JobError
+        return job_error(e)
     raise AssertionError(args.command)
 
 
@@ -145,14 +148,44 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
-def run_job(config: str, overrides: list[str], target: str = "dgbatch.driver:run", load: bool = True, **extra) -> int:
-    """Load and check the config, then run `target` (see JobCommand) on it; the process's exit code.
-    `load=False`: `target` takes (config, overrides) as given (`eval --rescore`: an output root)."""
+def _prepare_process() -> None:
     # Ctrl-C and SIGTERM (`ray job stop`, a scheduler) stop the driver cleanly: replicas are killed,
     # committed shards stay committed, a rerun resumes. Set explicitly: a parent may have ignored SIGINT.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("aiobotocore", "botocore", "s3fs"):  # "Found credentials in ..." on every S3 job
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+def _interrupted(e: KeyboardInterrupt, line: str) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not turn this into a traceback
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(redact.scrub(line), file=sys.stderr, flush=True)
+    return EXIT_SIGTERM if e.args == (signal.SIGTERM,) else EXIT_SIGINT
+
+
+def backfill_job(argv: list[str]) -> int:
+    """`dgbatch backfill` / `python -m jobs.backfill`: CONFIG --start DATE --end DATE [...] [key=value ...]."""
+    from dgbatch import backfill
+
+    ap = argparse.ArgumentParser(prog="dgbatch backfill", description=backfill.__doc__.split("\n")[0])
+    backfill.add_arguments(ap)
+    args = ap.parse_intermixed_args(backfill.join_date_options(argv))
+    _prepare_process()
+    try:
+        return backfill.main(args)
+    except KeyboardInterrupt as e:
+        return _interrupted(e, "backfill interrupted: committed shards and finished partitions are kept; rerun the "
+                               "same command to resume")
+    except Exception as e:  # noqa: BLE001 - job_error re-raises what is not a JobError
+        return job_error(e)
+
+
+def run_job(config: str, overrides: list[str], target: str = "dgbatch.driver:run", load: bool = True, **extra) -> int:
+    """Load and check the config, then run `target` (see JobCommand) on it; the process's exit code.
+    `load=False`: `target` takes (config, overrides) as given (`eval --rescore`: an output root)."""
+    _prepare_process()
     cfg = None
     module, function = target.split(":")
     try:
@@ -161,14 +194,20 @@ def run_job(config: str, overrides: list[str], target: str = "dgbatch.driver:run
         cfg = load_config(config, overrides)
         redact.install(cfg)
         return getattr(importlib.import_module(module), function)(cfg, **extra)
-    except ConfigError as e:
-        print(f"dgbatch: error: {redact.scrub(str(e))}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except KeyboardInterrupt as e:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not turn this into a traceback
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(redact.scrub(interrupted_line(cfg)), file=sys.stderr, flush=True)
-        return EXIT_SIGTERM if e.args == (signal.SIGTERM,) else EXIT_SIGINT
+        return _interrupted(e, interrupted_line(cfg))
+    except Exception as e:  # noqa: BLE001 - one error path: any JobError, wherever raised (a Ray task's too), is one line
+        return job_error(e)
+
+
+def job_error(e: BaseException) -> int:
+    """A JobError (or a Ray error caused by one) as one scrubbed line and its exit code; anything else is a
+    bug and raises on."""
+    cause = root_cause(e)
+    if not isinstance(cause, JobError):
+        raise e
+    print(f"dgbatch: error: {redact.scrub(cause.line())}", file=sys.stderr)
+    return cause.exit_code
 
 
 def interrupted_line(cfg) -> str:

@@ -1,8 +1,9 @@
 """The driver: check, plan, hand shards to replicas, retry, show progress, resume, summarise.
 
-Order matters for users: everything cheap that can fail (config, input schema, checkpoint files,
-output fingerprint) is checked before Ray starts or a model loads. Commit state is plain files
-under the output root, so a rerun lists `data/` and runs only what is missing.
+Order matters for users: everything cheap that can fail (config, storage access, input schema and
+identity, checkpoint files and tokenizer, the output root) is checked before Ray starts or a model
+loads (`check_job`), and raises a JobError: exit 2, one line. Commit state is plain files under the
+output root, checked rather than trusted (`dgbatch/commits.py`), so a rerun runs only what is missing.
 """
 
 from __future__ import annotations
@@ -12,34 +13,41 @@ import logging
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from dgbatch import __version__, checkpoint, redact
-from dgbatch.config import ConfigError, JobConfig
+from dgbatch import __version__, checkpoint, commits, redact
+from dgbatch.config import ConfigError, JobConfig, fingerprint_of
+from dgbatch.errors import EXIT_BAD_INPUT, EXIT_FAILED_SHARDS, EXIT_OK, JobError, root_cause
 from dgbatch.filters import OutputFilter
-from dgbatch.io.commit import list_names, read_json, write_bytes, write_json
-from dgbatch.io.fs import filesystem
-from dgbatch.io.layout import READER_CONFIG, Layout
+from dgbatch.io.commit import put_exclusive, read_json, write_bytes, write_json
+from dgbatch.io.fs import StorageError, check_access, filesystem, join, overlap
+from dgbatch.io.layout import READER_CONFIG, Layout, unowned_entries
 from dgbatch.monitor import JobMonitor
-from dgbatch.planning.planner import SHARD_FORMAT, ShardMeta, bucket_edges, plan_fragment
-from dgbatch.planning.source import InputPlan, inspect_input
+from dgbatch.planning import ids
+from dgbatch.planning.planner import SHARD_FORMAT, ShardMeta, bucket_edges, plan_fragment, plan_fragment_with_id_digests
+from dgbatch.planning.source import InputError, InputPlan, input_changes, inspect_input, read_fragment
 from dgbatch.pool import Background, ReplicaPool
 from dgbatch.progress import JobProgress
 from dgbatch.shard import JobContext
 from dgbatch.stats import ShardStats
+from dgbatch.vision import image_tokens
 
 log = logging.getLogger("dgbatch")
 
-EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_INPUT = 0, 1, 2
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED_SHARDS", "EXIT_OK", "run"]
 
 
 @dataclass
 class Plan:
-    fingerprint: str
+    fingerprint: str  # the plan id: fingerprint of `plan_identity` (config that shapes the plan + the input)
     edges: list[int]
     num_rows: int
     shards: list[ShardMeta]
+    input: list = field(default_factory=list)  # InputPlan.identity() of the input it was made from
 
     @property
     def longest_prompt(self) -> int:
@@ -48,11 +56,15 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {"fingerprint": self.fingerprint, "shard_format": SHARD_FORMAT, "edges": self.edges,
-                "num_rows": self.num_rows, "shards": [s.__dict__ for s in self.shards]}
+                "num_rows": self.num_rows, "input": self.input, "shards": [s.__dict__ for s in self.shards]}
 
     @staticmethod
     def from_dict(d: dict) -> Plan:
-        return Plan(d["fingerprint"], d["edges"], d["num_rows"], [ShardMeta.from_dict(s) for s in d["shards"]])
+        return Plan(d["fingerprint"], d["edges"], d["num_rows"], [ShardMeta.from_dict(s) for s in d["shards"]],
+                    d.get("input", []))
+
+    def shard_rows(self) -> dict[str, int]:
+        return {s.shard_id: s.rows for s in self.shards}
 
 
 def progress_of(plan: Plan, committed: Collection[str]) -> JobProgress:
@@ -68,67 +80,329 @@ def prompt_padding(plan: Plan) -> float:
     return 1 - sum(s.prompt_tokens for s in plan.shards) / positions if positions else 0.0
 
 
-def job_meta(cfg: JobConfig, params) -> dict:
+def job_meta(cfg: JobConfig, params, plan: Plan | None = None, fingerprint: str | None = None) -> dict:
+    """What every data file's footer carries (with its shard id): provenance, and the plan it belongs to."""
     return {"dgbatch_version": __version__, "model_path": cfg.model.path, "sampling": params.__dict__,
-            "seed": cfg.sampling.seed, "backend": cfg.engine.backend, "config_fingerprint": cfg.fingerprint()}
+            "seed": cfg.sampling.seed, "backend": cfg.engine.backend,
+            "config_fingerprint": fingerprint or cfg.fingerprint(), "plan": plan.fingerprint if plan else ""}
 
 
-def check_fingerprint(fs, layout: Layout, cfg: JobConfig) -> None:
-    """Refuse to mix two different jobs' outputs under one root, unless output.force."""
-    prev = read_json(fs, layout.job)
-    if prev is not None and prev.get("fingerprint") != cfg.fingerprint() and not cfg.output.force:
-        raise ConfigError(
-            f"output.path {cfg.output.path!r} holds a job with a different config (fingerprint "
-            f"{prev.get('fingerprint')} != {cfg.fingerprint()}). Use a new output.path, restore the old "
-            f"config, or set output.force=true to resume with this one."
-        )
-    write_json(fs, layout.job, {"fingerprint": cfg.fingerprint(), "dgbatch_version": __version__,
-                                "config": cfg.public_dict()})
+# ---- before Ray: every check that can fail cheaply ------------------------------------------------
 
 
-def reusable_plan(fs, layout: Layout, cfg: JobConfig) -> Plan | None:
-    """The plan an interrupted run of this config wrote, if any (an older dgbatch's plan is made again)."""
-    manifest = read_json(fs, layout.plan_manifest)
-    if (manifest is not None and manifest.get("fingerprint") == cfg.fingerprint()
+@dataclass
+class CheckedJob:
+    """What `check_job` established; everything after it may rely on it."""
+
+    fs: Any
+    layout: Layout
+    inp: InputPlan
+    model_dir: Path
+    params: Any  # SamplingParams, resolved
+    max_prompt: int
+    tokenizer: Any
+    identity: dict[str, Any]  # JobConfig.identity over resolved values
+    record: dict  # the output's _job.json
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.identity)
+
+
+def check_job(cfg: JobConfig, extra_columns: Mapping[str, str] = {}) -> CheckedJob:
+    """Everything that can refuse the job before Ray starts or a model loads; raises JobError.
+    `extra_columns`: input columns a job built on this one needs (column -> the config key naming it)."""
+    fs, root = filesystem(cfg.output.path, cfg.storage)
+    layout = Layout(root)
+    for what, url in (("input.path", cfg.input.path), ("output.path", cfg.output.path), ("model.path", cfg.model.path)):
+        if "://" in url and not url.startswith("file://") and (what != "input.path" or cfg.input.format == "parquet"):
+            check_access(url, cfg.storage, what)
+    inp = inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows, extra_columns)
+    check_disjoint(cfg, inp)
+    model_dir = checkpoint.local_checkpoint(cfg.model, cfg.storage)
+    tokenizer = checkpoint.check_tokenizer(model_dir, cfg.model.path)
+    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
+    max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
+    checkpoint.check_parallel(cfg, model_dir)
+    identity = job_identity(cfg, model_dir, params, max_prompt)
+    record = check_fingerprint(fs, layout, cfg, identity)  # before any write: the root may not be ours
+    check_writable(fs, layout, cfg.output.path)
+    job = CheckedJob(fs, layout, inp, model_dir, params, max_prompt, tokenizer, identity, record)
+    check_plan(cfg, job)
+    return job
+
+
+def job_identity(cfg: JobConfig, model_dir: Path, params, max_prompt: int) -> dict[str, Any]:
+    """The job's identity over resolved values: sampling as resolved against the checkpoint, the prompt
+    limit in force, and the checkpoint's digest."""
+    resolved: dict[str, Any] = {f"sampling.{k}": v for k, v in params.__dict__.items()}
+    resolved.update({"model.max_prompt_tokens": max_prompt, "model.checkpoint": checkpoint.checkpoint_digest(model_dir)})
+    return cfg.identity(resolved)
+
+
+def resolved_fingerprint(cfg: JobConfig) -> str:
+    """The fingerprint a run of `cfg` records in `_job.json` (over resolved values), without Ray or a model:
+    what `dgbatch plan`, a backfill's skip check and an eval compare an existing output against."""
+    model_dir = checkpoint.local_checkpoint(cfg.model, cfg.storage)
+    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
+    max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
+    return fingerprint_of(job_identity(cfg, model_dir, params, max_prompt))
+
+
+def check_disjoint(cfg: JobConfig, inp: InputPlan) -> None:
+    """The output may not lie inside the input (a rerun would read its own outputs), nor the input inside it."""
+    url = cfg.input.path
+    scanned = f"{url.split('://', 1)[0]}://{inp.scan_root}" if "://" in url and not url.startswith("file://") else (
+        inp.scan_root)
+    where = overlap(cfg.output.path, scanned)
+    if where is None:
+        return
+    if where in ("a_in_b", "same"):
+        raise ConfigError(f"output.path {cfg.output.path!r} lies inside input.path {cfg.input.path!r}: a rerun "
+                          f"would read the job's own outputs as input; write the output elsewhere")
+    raise ConfigError(f"input.path {cfg.input.path!r} lies inside output.path {cfg.output.path!r}: the job would "
+                      f"write where it reads; move the input or choose another output.path")
+
+
+def check_writable(fs, layout: Layout, url: str) -> None:
+    """Write and remove one hidden probe file in the (claimed) root, so a read-only output fails now, not
+    after the plan."""
+    probe = join(layout.root, f".dgbatch-probe.{uuid.uuid4().hex}.tmp")
+    if fs.isfile(layout.root):
+        raise ConfigError(f"output.path {url!r} is a file; it must be a directory (or absent)")
+    try:
+        write_bytes(fs, probe, b"")
+        fs.rm(probe)
+    except OSError as e:
+        raise StorageError(f"output.path {url!r} is not writable: {e.strerror or e}") from None
+
+
+def _read_job_file(fs, layout: Layout, url: str) -> dict | None:
+    try:
+        prev = read_json(fs, layout.job)
+    except NotADirectoryError:
+        raise ConfigError(f"output.path {url!r} is a file; it must be a directory (or absent)") from None
+    except (ValueError, UnicodeDecodeError):
+        prev = "unreadable"
+    if prev is not None and not (isinstance(prev, dict) and isinstance(prev.get("fingerprint"), str)):
+        raise ConfigError(f"output.path {url!r}: its _job.json is not a dgbatch job file; the root holds something "
+                          f"else. Use a new output.path")
+    return prev
+
+
+def check_fingerprint(fs, layout: Layout, cfg: JobConfig, identity: dict[str, Any] | None = None) -> dict:
+    """Claim the output root for this job, or check that it already holds this job; returns its _job.json.
+
+    A new root must be absent or empty. The job file is created exclusively (as shards are), so of two
+    drivers with different configs starting at once on one output exactly one wins; the other, like any
+    rerun whose identity differs, is refused with the keys that differ, unless output.force (then this
+    config owns the root from now on).
+    """
+    identity = identity if identity is not None else cfg.identity()
+    fingerprint = fingerprint_of(identity)
+    record = {"fingerprint": fingerprint, "job_id": uuid.uuid4().hex, "dgbatch_version": __version__,
+              "identity": identity, "config": cfg.public_dict()}
+    prev = _read_job_file(fs, layout, cfg.output.path)
+    if prev is None:
+        try:
+            found = unowned_entries(fs, layout.root)
+        except NotADirectoryError:
+            raise ConfigError(f"output.path {cfg.output.path!r} is a file; it must be a directory (or absent)") from None
+        if found:
+            shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+            raise ConfigError(f"output.path {cfg.output.path!r} is not empty and holds no dgbatch job (_job.json); "
+                              f"found {shown}. dgbatch writes only into an empty directory or its own output: "
+                              f"use a new output.path")
+        blob = (json.dumps(record, indent=2, default=str) + "\n").encode()
+        try:
+            if put_exclusive(fs, layout.job, blob):
+                return record
+        except OSError as e:
+            raise StorageError(f"output.path {cfg.output.path!r} is not writable: {e.strerror or e}") from None
+        prev = _read_job_file(fs, layout, cfg.output.path)  # another driver created it first
+    if prev["fingerprint"] == fingerprint:
+        return prev
+    differ = identity_changes(prev.get("identity"), identity)
+    if not cfg.output.force:
+        what = f": {'; '.join(differ)}" if differ else f" (fingerprint {prev['fingerprint']} != {fingerprint})"
+        raise ConfigError(f"output.path {cfg.output.path!r} holds a job with a different config{what}. Use a new "
+                          f"output.path, restore the old config, or set output.force=true to resume with this one")
+    log.warning("output.force: resuming %s with a different config (%s)", cfg.output.path, "; ".join(differ) or "?")
+    record["job_id"] = prev.get("job_id", record["job_id"])
+    write_json(fs, layout.job, record)
+    return record
+
+
+def identity_changes(before: dict | None, now: dict[str, Any], limit: int = 8) -> list[str]:
+    """`key: old -> new` for each identity key that differs (nothing when `before` is unknown)."""
+    if not isinstance(before, dict):
+        return []
+    keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    out = [f"{k} {_short(before.get(k))} -> {_short(now.get(k))}" for k in keys[:limit]]
+    return out + ([f"and {len(keys) - limit} more"] if len(keys) > limit else [])
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# Besides input.* and plan.*, what shapes a plan: the tokenizer, the prompt limit, and the samples per row.
+PLAN_KEYS = ("model.checkpoint", "model.max_prompt_tokens", "sampling.num_samples")
+
+
+def plan_identity(identity: dict[str, Any], inp: InputPlan) -> dict[str, Any]:
+    """What a plan depends on: the input's files and its settings, the plan settings, the tokenizer and the
+    prompt-length limit. Its fingerprint is the plan id that every data file and commit marker names."""
+    keep = {k: v for k, v in identity.items() if k.startswith(("input.", "plan.")) or k in PLAN_KEYS}
+    keep["input.files"] = inp.identity()
+    return keep
+
+
+def _read_manifest(fs, layout: Layout) -> dict | None:
+    try:
+        m = read_json(fs, layout.plan_manifest)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return m if isinstance(m, dict) and isinstance(m.get("shards"), list) else None
+
+
+def check_plan(cfg: JobConfig, job: CheckedJob) -> None:
+    """A stored plan made from other input files is refused, naming them (input.on_change=replan: discarded)."""
+    manifest = _read_manifest(job.fs, job.layout)
+    plan_id = fingerprint_of(plan_identity(job.identity, job.inp))
+    if manifest is None or manifest.get("fingerprint") == plan_id:
+        return
+    changes = input_changes(manifest["input"], job.inp.identity()) if "input" in manifest else []
+    if changes and cfg.input.on_change == "refuse":
+        raise InputError(f"the input changed since this job was planned: {', '.join(changes)}. Set "
+                         f"input.on_change=replan to plan it again (the old plan's outputs are discarded), or write "
+                         f"to a new output.path")
+    why = f"the input changed ({', '.join(changes)})" if changes else "the plan's settings changed"
+    discard_plan(job.fs, job.layout, why)
+
+
+def discard_plan(fs, layout: Layout, why: str) -> None:
+    """Remove a stale plan and everything made from it (outputs, markers, failures, summary, _SUCCESS)."""
+    committed = len([n for n in _ls(fs, layout.data()) if n.endswith(".parquet")])
+    print(f"replanning: {why}; discarding the old plan and its {committed} committed shard(s)", flush=True)
+    for path in (layout.success, layout.summary, layout.plan_manifest):
+        if fs.exists(path):
+            fs.rm(path)
+    for path in (layout.data(), layout.commit(), layout.failed(), join(layout.root, "_plan")):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def _ls(fs, path: str) -> list[str]:
+    try:
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+# ---- the plan --------------------------------------------------------------------------------------
+
+
+def reusable_plan(fs, layout: Layout, plan_id: str) -> Plan | None:
+    """The stored plan if it was made from this input with these settings (an older dgbatch's plan is made
+    again)."""
+    manifest = _read_manifest(fs, layout)
+    if (manifest is not None and manifest.get("fingerprint") == plan_id
             and manifest.get("shard_format") == SHARD_FORMAT):
         return Plan.from_dict(manifest)
     return None
 
 
 def remaining(fs, layout: Layout, plan: Plan) -> tuple[list[ShardMeta], set[str]]:
-    """(shards still to run, ids of the committed ones): one listing of data/."""
-    committed = {n.removesuffix(".parquet") for n in list_names(fs, layout.data(), ".parquet")}
+    """(shards still to run, ids of the committed ones), committed as checked (`commits.verify`), not assumed
+    from a file's name."""
+    committed = commits.verify(fs, layout, plan.fingerprint, plan.shard_rows()).shards
     return [s for s in plan.shards if s.shard_id not in committed], committed
 
 
 def make_plan(
-    ray, cfg: JobConfig, fs, layout: Layout, model_dir, max_prompt: int, inp: InputPlan | None = None
+    ray, cfg: JobConfig, fs, layout: Layout, model_dir, max_prompt: int, inp: InputPlan | None = None,
+    identity: dict[str, Any] | None = None, tokenizer=None,
 ) -> Plan:
-    """The job's plan (reused when an interrupted run of the same config wrote one). One input fragment
-    is planned in this process; several in Ray tasks. `ray`: the ray module, or a callable returning it
-    once Ray is up (planning can then start before Ray has)."""
-    plan = reusable_plan(fs, layout, cfg)
+    """The stored plan if it was made from this input with these settings, else a new one. One input
+    fragment is planned in this process, several in Ray tasks. `ray`: the ray module, a callable returning
+    it once Ray is up (planning can then start before Ray has), or None (every fragment in this process)."""
+    inp = inp or inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows)
+    identity = identity if identity is not None else cfg.identity({"model.max_prompt_tokens": max_prompt})
+    plan_id = fingerprint_of(plan_identity(identity, inp))
+    plan = reusable_plan(fs, layout, plan_id)
     if plan is not None:
         log.info("reusing plan: %d shards, %d rows", len(plan.shards), plan.num_rows)
         return plan
     t0 = time.time()
-    inp = inp or inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows)
-    edges = bucket_edges(cfg, inp, checkpoint.load_tokenizer(model_dir), max_prompt)
-    args = (edges, str(model_dir), max_prompt, layout.root)
-    if len(inp.fragments) == 1:  # not worth a worker process
-        results = [plan_fragment(cfg, inp.fragments[0], *args)]
-    else:
-        ray = ray() if callable(ray) else ray
-        task = ray.remote(plan_fragment).options(num_cpus=1, max_retries=2)
-        results = ray.get([task.remote(cfg, f, *args) for f in inp.fragments])
-    shards = [ShardMeta.from_dict(m) for metas in results for m in metas]
-    plan = Plan(cfg.fingerprint(), edges, sum(s.rows for s in shards), shards)  # output rows: x num_samples
+    edges = bucket_edges(cfg, inp, tokenizer or checkpoint.load_tokenizer(model_dir), max_prompt,
+                         image_tokens(model_dir))
+    try:
+        shards = _plan_fragments(ray, cfg, inp, (edges, str(model_dir), max_prompt, layout.root))
+    except Exception as e:
+        cause = root_cause(e)
+        if isinstance(cause, JobError):
+            raise cause from None
+        if isinstance(cause, OSError):
+            raise StorageError(f"planning could not read the input or write under output.path {cfg.output.path!r}: "
+                               f"{cause.strerror or cause}") from None
+        raise
+    plan = Plan(plan_id, edges, sum(s.rows for s in shards), shards, inp.identity())  # output rows: x num_samples
     write_json(fs, layout.plan_manifest, plan.to_dict())
     n = cfg.sampling.num_samples
     samples = f" ({inp.num_rows} input rows x {n} samples)" if n > 1 else ""
     log.info("planned %d rows%s into %d shards (bucket edges %s) in %.1fs", plan.num_rows, samples, len(shards),
              edges, time.time() - t0)
     return plan
+
+
+def _plan_fragments(ray, cfg: JobConfig, inp: InputPlan, args: tuple) -> list[ShardMeta]:
+    """Plan every fragment: Ray tasks, or in this process for one fragment (or without Ray: `ray` None).
+
+    With `input.id_column`, ids are checked across fragments too, by hashed partitions: each task returns
+    its digests per partition (as separate objects), one task per partition looks for repeats; the driver
+    only passes object refs along and sees the few duplicates found.
+    """
+    frags = inp.fragments
+    local = ray is None or len(frags) == 1
+    if not local and callable(ray):  # Ray is starting beside the planning: wait for it only now
+        ray = ray()
+    if not cfg.input.id_column:
+        if local:
+            results = [plan_fragment(cfg, f, *args) for f in frags]
+        else:
+            task = ray.remote(plan_fragment).options(num_cpus=1, max_retries=2)
+            results = ray.get([task.remote(cfg, f, *args) for f in frags])
+        return [ShardMeta.from_dict(m) for metas in results for m in metas]
+    parts = ids.num_parts(inp.num_rows)
+    if local:
+        outs = [plan_fragment_with_id_digests(cfg, f, *args, parts) for f in frags]
+        results = [o[0] for o in outs]
+        pairs = [p for i in range(parts) for p in ids.duplicates(*[o[1 + i] for o in outs])]
+    else:
+        task = ray.remote(plan_fragment_with_id_digests).options(num_cpus=1, max_retries=2, num_returns=1 + parts)
+        refs = [task.remote(cfg, f, *args, parts) for f in frags]
+        results = ray.get([r[0] for r in refs])
+        check = ray.remote(ids.duplicates).options(num_cpus=1)
+        pairs = [p for found in ray.get([check.remote(*[r[1 + i] for r in refs]) for i in range(parts)])
+                 for p in found]
+    _refuse_duplicate_ids(cfg, inp, pairs)
+    return [ShardMeta.from_dict(m) for metas in results for m in metas]
+
+
+def _refuse_duplicate_ids(cfg: JobConfig, inp: InputPlan, pairs: list) -> None:
+    col = cfg.input.id_column
+    for (fa, ra), (fb, rb) in pairs:
+        a, b = inp.fragments[fa], inp.fragments[fb]
+        va = read_fragment(a, cfg.input, cfg.storage, columns=[col]).column(col)[ra].as_py()
+        vb = read_fragment(b, cfg.input, cfg.storage, columns=[col]).column(col)[rb].as_py()
+        if str(va) == str(vb):  # not a 128-bit hash collision
+            raise InputError(f"input.id_column {col!r} has duplicate values: {str(va)[:80]!r} at {a.label!r} row "
+                             f"{a.row_start + ra} and {b.label!r} row {b.row_start + rb}; ids must be unique")
+
+
+# ---- the run ---------------------------------------------------------------------------------------
 
 
 def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaPool | None = None) -> int:
@@ -138,60 +412,61 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaP
     checked with the others up front."""
     redact.install(cfg)
     t_start = time.time()
-    fs, root = filesystem(cfg.output.path, cfg.storage)
-    layout = Layout(root)
-
-    # 1. Cheap checks, before Ray or any model: input schema, checkpoint files, sampling, parallel
-    #    degrees against the model's shape, output.
-    inp = inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows, extra_columns)
-    model_dir = checkpoint.local_checkpoint(cfg.model, cfg.storage)
-    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
-    max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
-    checkpoint.check_parallel(cfg, model_dir)
     if pool is not None:
         pool.check(cfg)
-    check_fingerprint(fs, layout, cfg)
+
+    # 1. Cheap checks, before Ray or any model (check_job), and a finished job whose outputs check out.
+    job = check_job(cfg, extra_columns)
+    fs, layout = job.fs, job.layout
     write_bytes(fs, layout.reader_config, READER_CONFIG.encode())
-    if fs.exists(layout.success):
+    if already_complete(job):
         done = read_json(fs, layout.success) or {}
         print(f"nothing to do: the job at {cfg.output.path} is already complete ({done.get('rows', '?')} rows)")
         return EXIT_OK
     t_checked = time.time()
 
-    # 2. Plan while Ray and the replicas start and load the model (or reuse the plan of an interrupted
-    #    run; when that left nothing to run, start neither).
-    reused = reusable_plan(fs, layout, cfg)
+    # 2. Plan while Ray and the replicas start and load the model, or reuse the plan of an interrupted
+    #    run (when its committed shards, checked, leave nothing to run: start neither).
+    reused = reusable_plan(fs, layout, fingerprint_of(plan_identity(job.identity, job.inp)))
+    left = remaining(fs, layout, reused) if reused is not None else None
     ray_up = threading.Event()
     started: dict = {}
     planning = None
     if reused is None:
         planning = Background(lambda: make_plan(lambda: ray_up.wait() and started["pool"].ray, cfg, fs, layout,
-                                                model_dir, max_prompt, inp), "dgbatch-plan")
+                                                job.model_dir, job.max_prompt, job.inp, job.identity, job.tokenizer),
+                              "dgbatch-plan")
     own = pool is None
     failed: dict[str, str] = {}
     try:
-        if reused is None or remaining(fs, layout, reused)[0]:
-            started["pool"] = pool = pool or ReplicaPool(cfg)
-        ray_up.set()
-        plan = planning.result() if planning is not None else reused
+        try:
+            if left is None or left[0]:
+                started["pool"] = pool = pool or ReplicaPool(cfg)
+        finally:
+            ray_up.set()
+        if planning is not None:
+            plan = planning.result()
+            left = remaining(fs, layout, plan)
+        else:
+            plan = reused
         t_planned = time.time()
-        todo, committed = remaining(fs, layout, plan)
+        todo, committed = left
         if committed:
             print(f"resuming: {len(committed)} of {len(plan.shards)} shards already committed, {len(todo)} to run")
 
         # 3. Replicas pull shards from one queue; a dead replica's shards go back on it.
-        if fs.exists(layout.failed()):  # last run's failures are retried now; this run records its own
-            fs.rm(layout.failed(), recursive=True)
+        clear_failures(fs, layout)  # last run's failures are retried now; this run records its own
         if todo:
             label = redact.scrub(layout.url(fs))  # the job on the metrics
-            job = JobContext(cfg.output.path, root, job_meta(cfg, params), cfg.input.id_column, params,
-                             plan.longest_prompt, cfg.storage, OutputFilter.of(cfg.output), label)
+            context = JobContext(cfg.output.path, layout.root, job_meta(cfg, job.params, plan, job.fingerprint),
+                                 cfg.input.id_column, job.params, plan.longest_prompt, cfg.storage,
+                                 OutputFilter.of(cfg.output), cfg.input, label)
             monitor = JobMonitor(progress_of(plan, committed), fs, layout, label, pool.run_id,
                                  cfg.output.progress_every_s)
             monitor.metrics.padding(prompt_padding(plan))
             state = "interrupted"
             try:
-                failed = pool.run(job, todo, observer=monitor)
+                failed = pool.run(context, todo, observer=monitor)
                 state = "failed" if failed else "finished"
             finally:
                 monitor.close(state)
@@ -203,8 +478,7 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaP
     finally:
         if own and "pool" in started:
             started["pool"].close()
-    for sid, reason in failed.items():
-        write_json(fs, layout.failed(sid), {"shard": sid, "reason": reason})
+    record_failures(fs, layout, failed)
 
     # 4. Summary over all committed shards, this run's and earlier ones'.
     return finish(fs, layout, plan, failed, t_start, len(todo), cfg=cfg, done_before=committed)
@@ -228,32 +502,68 @@ def _log_start_up(t_start: float, t_checked: float, t_planned: float, pool: Repl
              rel(first.get("first_row_at")))
 
 
+def already_complete(job: CheckedJob) -> bool:
+    """True if the job finished and every data file still checks out; a finished job whose files do not
+    loses its _SUCCESS and resumes."""
+    fs, layout = job.fs, job.layout
+    if not fs.exists(layout.success):
+        return False
+    manifest = _read_manifest(fs, layout)
+    if manifest is not None:  # check_plan has made sure it is this input's plan
+        plan = Plan.from_dict(manifest)
+        checked = commits.verify(fs, layout, plan.fingerprint, plan.shard_rows())
+        if len(checked.shards) == len(plan.shards):
+            return True
+        print(f"the finished job's outputs no longer check out ({len(plan.shards) - len(checked.shards)} shard(s) "
+              f"missing or damaged); running them again", flush=True)
+    fs.rm(layout.success)
+    return False
+
+
+def clear_failures(fs, layout: Layout) -> None:
+    try:
+        if fs.exists(layout.failed()):
+            fs.rm(layout.failed(), recursive=True)
+    except OSError as e:
+        log.error("could not clear %s: %s", layout.failed(), e.strerror or e)
+
+
+def record_failures(fs, layout: Layout, failed: dict[str, str]) -> None:
+    """One _failed/<shard>.json per failed shard; a storage that refuses them is reported, never raised."""
+    for sid, reason in failed.items():
+        try:
+            write_json(fs, layout.failed(sid), {"shard": sid, "reason": reason})
+        except OSError as e:
+            log.error("could not record shard %s's failure under %s (%s); the summary lists it",
+                      sid, layout.failed(), e.strerror or e)
+            return
+
+
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: float, ran: int, *,
            cfg: JobConfig | None = None, done_before: Collection[str] = ()) -> int:
-    """Write `_summary.json` (and `_SUCCESS` when every shard is committed); `done_before`: the shards
-    committed before this run, left out of this run's throughput."""
-    from dgbatch.shard import stats_of_output
+    """Summarise every committed shard (checked, not trusted); `_SUCCESS` only when all of them check out.
+    `done_before`: the shards committed before this run, left out of this run's throughput.
 
+    A storage that refuses the summary or `_SUCCESS` is reported on one line (the summary still printed),
+    and the job is not complete: exit 1, and a rerun finishes it.
+    """
     total, now = ShardStats(), ShardStats()
-    ids = [s.shard_id for s in plan.shards if s.shard_id not in failed]
-    markers = {n.removesuffix(".json") for n in list_names(fs, layout.commit(), ".json")}
-    paths = [layout.commit(sid) for sid in ids if sid in markers]
-    blobs = fs.cat(paths, on_error="omit") if paths else {}  # one batched (concurrent on S3) read
-    by_path = {fs._strip_protocol(p): b for p, b in blobs.items()}
-    for sid in ids:
-        blob = by_path.get(fs._strip_protocol(layout.commit(sid)))
-        if blob is not None:
-            st = json.loads(blob)
-        else:  # committed data whose marker was never written (a crash in between)
-            st = stats_of_output(fs, layout, sid).to_dict()
-            write_json(fs, layout.commit(sid), st)
-        total.merge(ShardStats.from_dict(st))
+
+    def add(sid: str, marker: dict) -> None:
+        total.merge(ShardStats.from_dict(marker["stats"]))
         if sid not in done_before:
-            now.merge(ShardStats.from_dict(st))
+            now.merge(ShardStats.from_dict(marker["stats"]))
+
+    checked = commits.verify(fs, layout, plan.fingerprint, plan.shard_rows(), visit=add)
+    failed = dict(failed)
+    for s in plan.shards:
+        if s.shard_id not in checked.shards and s.shard_id not in failed:
+            why = checked.rejected.get(f"{s.shard_id}.parquet", "its data file is missing")
+            failed[s.shard_id] = f"not committed: {why}"
     t_end = time.time()
     wall = max(t_end - t_start, 1e-9)
     summary = {
@@ -269,6 +579,7 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
         "filtered_rows": total.filtered,  # output.filters: filter_reason -> rows
         "duplicate_outputs": total.duplicate_outputs,  # exact duplicates among a prompt's samples
         "failed_shards": [{"shard": s, "reason": r} for s, r in sorted(failed.items())],
+        "rejected_files": commits.rejections(fs, layout),
         "shards": len(plan.shards),
         "shards_run_now": ran,
         "wall_time_s": round(t_end - t_start, 3),
@@ -282,14 +593,29 @@ def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: floa
                                            "backend": cfg.engine.backend},
         "dgbatch_version": __version__,
     }
-    write_json(fs, layout.summary, summary)
+    unwritten = _write_end_file(fs, layout.summary, summary)
     print("summary: " + redact.scrub(_fmt(summary)) + f"; output in {redact.scrub(layout.url(fs))}/data/")
     if failed:
         print(f"job incomplete: {len(failed)} shard(s) failed: {', '.join(sorted(failed))}; rerun to retry them",
               file=sys.stderr)
         return EXIT_FAILED_SHARDS
-    write_json(fs, layout.success, {"rows": total.rows, "shards": len(plan.shards), "completed_at": _iso(t_end)})
+    unwritten = unwritten or _write_end_file(fs, layout.success, {
+        "rows": total.rows, "shards": len(plan.shards), "completed_at": _iso(t_end)})
+    if unwritten:
+        print(f"job incomplete: every shard is committed, but {unwritten}; rerun to finish", file=sys.stderr)
+        return EXIT_FAILED_SHARDS
     return EXIT_OK
+
+
+def _write_end_file(fs, path: str, obj: dict) -> str | None:
+    """Write `obj` at `path`; on a storage error, say so in one line instead of raising."""
+    try:
+        write_json(fs, path, obj)
+        return None
+    except OSError as e:
+        msg = f"could not write {path} ({e.strerror or e})"
+        print(f"dgbatch: error: {redact.scrub(msg)}", file=sys.stderr)
+        return msg
 
 
 def _fmt(s: dict) -> str:

@@ -16,12 +16,14 @@ from collections import Counter
 
 from dgbatch import checkpoint
 from dgbatch.config import JobConfig
+from dgbatch.driver import resolved_fingerprint
 from dgbatch.planning.buckets import padded_positions
 from dgbatch.planning.planner import ERROR_BUCKET, assign_shards, bucket_edges, input_rows_per_shard, tokenize_fragment
 from dgbatch.planning.prompts import PromptEncoder
 from dgbatch.planning.source import inspect_input
 from dgbatch.sizing import planned_batch_size
 from dgbatch.status import reason_kind
+from dgbatch.vision import image_tokens
 
 POOL = 256  # rows kept (a seeded uniform sample of the input) to draw the calibration sample from
 EXAMPLES = 3  # example rows per kind of row error
@@ -43,7 +45,8 @@ def plan_report(cfg: JobConfig, calibrate_rows: int | None = None) -> dict:
     tokenizer = checkpoint.load_tokenizer(model_dir)
     t0 = time.time()
     edges = bucket_edges(cfg, inp, tokenizer, max_prompt)
-    encoder = PromptEncoder(tokenizer, max_prompt, cfg.input.system_prompt)
+    encoder = PromptEncoder(tokenizer, max_prompt, system_prompt=cfg.input.system_prompt,
+                            image_tokens=image_tokens(model_dir))
     batch = planned_batch_size(cfg.engine)
     rng = random.Random(0)
     col = cfg.input.prompt_column or cfg.input.messages_column  # None: input.template renders the prompt
@@ -61,11 +64,8 @@ def plan_report(cfg: JobConfig, calibrate_rows: int | None = None) -> dict:
         frows = tokenize_fragment(cfg, frag, encoder)
         table, ids, token_ids, errors, lengths = frows.table, frows.ids, frows.prompt_ids, frows.errors, frows.lengths
 
-        def planned(idx: list[int]) -> list[int]:  # the prompt lengths of these rows' samples, as planned
-            return [lengths[i] for i in idx for _ in range(n) if lengths[i] is not None]
-
         for sid, bucket, idx in assign_shards(frag.index, lengths, edges, per_shard):
-            kept = planned(idx)
+            kept = _planned(lengths, idx, n)
             b = buckets.setdefault(bucket, {"bucket": bucket, "rows": 0, "shards": 0, "prompt_tokens": 0,
                                             "padded_positions": 0})
             b["rows"] += len(idx) * n
@@ -73,9 +73,9 @@ def plan_report(cfg: JobConfig, calibrate_rows: int | None = None) -> dict:
             b["prompt_tokens"] += sum(kept)
             b["padded_positions"] += padded_positions(kept, batch)
             shards += 1
-        padded["no_buckets"] += sum(padded_positions(planned(idx), batch)
+        padded["no_buckets"] += sum(padded_positions(_planned(lengths, idx, n), batch)
                                     for _, _, idx in assign_shards(frag.index, lengths, [], per_shard))
-        valid = planned(range(len(lengths)))
+        valid = _planned(lengths, range(len(lengths)), n)
         padded["input_order"] += padded_positions(valid, batch)
         prompt_tokens += sum(valid)
         max_len = max([max_len, *valid])
@@ -106,7 +106,7 @@ def plan_report(cfg: JobConfig, calibrate_rows: int | None = None) -> dict:
         b["padding"] = _fraction(b["prompt_tokens"], b["padded_positions"])
         bucket_rows.append(b)
     report = {
-        "config_fingerprint": cfg.fingerprint(),
+        "config_fingerprint": resolved_fingerprint(cfg),
         "output": cfg.output.path,
         "output_state": _output_state(cfg),
         "rows": inp.num_rows * n,
@@ -137,6 +137,11 @@ def plan_report(cfg: JobConfig, calibrate_rows: int | None = None) -> dict:
     return report
 
 
+def _planned(lengths: list[int | None], idx, n: int) -> list[int]:
+    """The prompt lengths of these rows' n samples each, as the planner lays them out (errors left out)."""
+    return [lengths[i] for i in idx for _ in range(n) if lengths[i] is not None]
+
+
 def _fraction(tokens: int, positions: int) -> float:
     return round(1 - tokens / positions, 4) if positions else 0.0
 
@@ -153,7 +158,7 @@ def _output_state(cfg: JobConfig) -> str:
     if job is None:
         return "empty: a run starts a new job"
     done = len(list_names(fs, layout.data(), ".parquet"))
-    if job.get("fingerprint") != cfg.fingerprint():
+    if job.get("fingerprint") != resolved_fingerprint(cfg):
         return (f"holds a job with a different config ({done} shards committed): a run is refused unless "
                 "output.force=true")
     if fs.exists(layout.success):
@@ -167,13 +172,14 @@ def _calibrate(cfg: JobConfig, model_dir, params, tokenizer, pool, rows: int | N
         why = "--calibrate-rows 0" if rows == 0 else "no rows to generate"
         return {"method": f"none ({why}): no model was loaded"}
     from dgbatch.generation import Request
-    from dgbatch.replica import batch_size, build_backend
+    from dgbatch.replica import Backends
+    from dgbatch.sizing import batch_size
 
     t_load = time.time()
     model = checkpoint.load_model(model_dir, cfg.model)
     pad_id, eos_ids = checkpoint.special_ids(model_dir, tokenizer)
-    batch = batch_size(cfg, model, params)
-    backend = build_backend(cfg, model, params, pad_id, eos_ids, batch)
+    batch = batch_size(cfg.engine, model, params, max(len(ids) for _, ids in pool))  # as a replica sizes it
+    backend = Backends(cfg, model, pad_id, eos_ids).build(params, batch)
     load_s = time.time() - t_load
     n = min(rows or min(batch, MAX_CALIBRATE), len(pool))
     sample = random.Random(1).sample(pool, n)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 FinishReason = Literal["eos", "length", "error"]
 
@@ -29,10 +29,26 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class VisionInputs:
+    """A row's images as the vision tower takes them (the checkpoint's image processor made them, see
+    `dgbatch.vision`). The row's `prompt_ids` already hold each image's boi, soft tokens and eoi; the
+    i-th image's soft tokens are the i-th run of image tokens."""
+
+    pixel_values: Any  # torch.Tensor [N, max_patches, 3 * patch_size**2], float32 in [0, 1]
+    position_ids: Any  # torch.LongTensor [N, max_patches, 2]: patch (x, y); (-1, -1) pads
+    soft_tokens: tuple[int, ...]  # [N] soft tokens per image
+
+    @property
+    def num_images(self) -> int:
+        return len(self.soft_tokens)
+
+
+@dataclass(frozen=True)
 class Request:
     row_id: str
     prompt_ids: list[int]
     max_new_tokens: int | None = None  # this row's own budget, capped at SamplingParams.max_new_tokens; None: that
+    vision: VisionInputs | None = None  # None: a text-only row
 
 
 def max_new_tokens(request: Request, params: SamplingParams) -> int:

@@ -76,16 +76,19 @@ class JobFiles:
 
     @functools.cached_property
     def commit_stats(self) -> dict[str, dict]:
-        """Shard id -> the stats in its commit marker (shards committed without one are absent)."""
+        """Shard id -> the stats in its commit marker (shards committed without one are absent). Read, not
+        checked: `commits.verify` is what decides a resume; status only reports."""
         paths = [self.layout.commit(sid) for sid in self.committed]
         blobs = self.fs.cat(paths, on_error="omit") if paths else {}
         out = {}
         for p, b in blobs.items():
             sid = p.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json")
             try:
-                out[sid] = json.loads(b)
+                m = json.loads(b)
             except ValueError:
                 continue
+            if isinstance(m, dict) and isinstance(m.get("stats"), dict):  # io/markers.py
+                out[sid] = m["stats"]
         return out
 
     @functools.cached_property

@@ -44,11 +44,35 @@ def init_ray(cfg: JobConfig):
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)  # under `ray job submit`, or a cluster the user pointed at
     else:
-        # Ray turns token auth on for a new local cluster (good) and says so on every run (noise): keep the
-        # protection, drop that one line. Its other auth messages (e.g. auth turned off) still show.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenAuthNotice())
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        start_local_ray(ray, cfg.ray.num_cpus)
     return ray
+
+
+LOCAL_HOST = "127.0.0.1"
+
+
+def start_local_ray(ray, num_cpus: int | None, log_to_driver: bool = True) -> None:
+    """A Ray for this machine alone: every process it starts (GCS, raylet, workers, dashboard agent,
+    runtime-env agent) listens on 127.0.0.1 only.
+
+    Ray binds its gRPC servers to 127.0.0.1 exactly when the node's IP is 127.0.0.1, but `ray.init`
+    turns a 127.0.0.1 `_node_ip_address` into the machine's address unless Ray is in its single-machine
+    mode (`ray_constants.ENABLE_RAY_CLUSTER` false, as on macOS and Windows). That switch is set only
+    while this node starts, so nothing else in the process (a `ray start` it runs later) inherits it.
+    scripts/local_ray_sockets.py and tests/test_local_ray.py list the sockets of what Ray started.
+    """
+    from ray._private import ray_constants
+
+    # Ray turns token auth on for a new local cluster (good) and says so on every run (noise): keep the
+    # protection, drop that one line. Its other auth messages (e.g. auth turned off) still show.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenAuthNotice())
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host=LOCAL_HOST, _node_ip_address=LOCAL_HOST,
+                 log_to_driver=log_to_driver)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 class _PlainText(logging.Filter):

@@ -27,18 +27,18 @@ class ReferenceBackend:
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.eos_ids = set(eos_ids)
-        self.generate_kwargs = dict(
-            max_new_tokens=params.max_new_tokens,
-            max_denoising_steps=params.max_denoising_steps,
-            sampler_config=EntropyBoundSamplerConfig(entropy_bound=float(params.entropy_bound)),
-            t_min=float(params.t_min),
-            t_max=float(params.t_max),
-            stability_threshold=params.stability_threshold,
-            confidence_threshold=float(params.confidence_threshold),
-            pad_token_id=pad_id,
-            eos_token_id=list(eos_ids),
-            return_dict_in_generate=True,
-        )
+        self.generate_kwargs = {
+            "max_new_tokens": params.max_new_tokens,
+            "max_denoising_steps": params.max_denoising_steps,
+            "sampler_config": EntropyBoundSamplerConfig(entropy_bound=float(params.entropy_bound)),
+            "t_min": float(params.t_min),
+            "t_max": float(params.t_max),
+            "stability_threshold": params.stability_threshold,
+            "confidence_threshold": float(params.confidence_threshold),
+            "pad_token_id": pad_id,
+            "eos_token_id": list(eos_ids),
+            "return_dict_in_generate": True,
+        }
 
     @property
     def device(self) -> torch.device:
@@ -70,10 +70,23 @@ class ReferenceBackend:
         # generate draws from the global RNG; seed it from the batch's rows so a retried shard reproduces.
         torch.manual_seed(row_seed(self.params.seed, "\x1e".join(r.row_id for r in batch)))
         kwargs = {**self.generate_kwargs, "max_new_tokens": max_new}
-        out = self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        out = self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device), **self._images(batch, ids),
+                                  **kwargs)
         new = out.sequences[:, width:].cpu().tolist()
         tpf = out.tokens_per_forward.cpu().tolist()
         return [self._row(r, toks, t, max_new) for r, toks, t in zip(batch, new, tpf)]
+
+    def _images(self, batch: list[Request], ids: torch.Tensor) -> dict:
+        """generate's image inputs, as the processor returns them: pixels in row order, mm_token_type_ids."""
+        rows = [r.vision for r in batch if r.vision is not None]
+        if not rows:
+            return {}
+        dev = self.device
+        return {
+            "pixel_values": torch.cat([v.pixel_values for v in rows]).to(dev, self.model.dtype),
+            "image_position_ids": torch.cat([v.position_ids for v in rows]).to(dev),
+            "mm_token_type_ids": (ids == self.model.config.image_token_id).long().to(dev),
+        }
 
     def _row(self, req: Request, new: list[int], tpf: float, max_new: int | None = None) -> Generation:
         max_new = self.params.max_new_tokens if max_new is None else max_new

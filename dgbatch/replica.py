@@ -10,10 +10,10 @@
   generations (`LockstepError` if they differ).
 
 Both are plain Python; `dgbatch.placement` wraps them with `ray.remote` as threaded actors. A shard
-arrives with its job (`shard.JobContext`: output root, job metadata, sampling, longest prompt), so a
-replica serves any job of its model and engine settings; several shards are in flight at once and
-stream through one engine (`dgbatch.stream`). Shards are pulled, never pre-assigned, so a faster
-replica simply runs more of them.
+arrives with its job (`shard.JobContext`: output root, job metadata, sampling, longest prompt, the
+input settings its rows' images need), so a replica serves any job of its model and engine settings;
+several shards are in flight at once and stream through one engine (`dgbatch.stream`). Shards are
+pulled, never pre-assigned, so a faster replica simply runs more of them.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def _apply_thread_limit() -> None:
 
 
 def _load(cfg: JobConfig, mesh=None, timings: dict | None = None):
-    """(model, tokenizer, pad_id, eos_ids), the model sharded for `mesh` when given. `timings` gets
+    """(model, tokenizer, pad_id, eos_ids, model_dir), the model sharded for `mesh` when given. `timings` gets
     how long the imports (torch, transformers, the tokenizer) and the model load took."""
     timings = timings if timings is not None else {}
     t0 = time.time()
@@ -94,13 +94,9 @@ def _load(cfg: JobConfig, mesh=None, timings: dict | None = None):
     _apply_thread_limit()
     timings["imports_s"] = round(time.time() - t0, 3)
     t1 = time.time()
-    model = checkpoint.load_model(model_dir, cfg.model)
-    if mesh is not None:
-        from dgbatch.parallel import parallelize
-
-        parallelize(model, mesh)
+    model = checkpoint.load_model(model_dir, cfg.model, mesh)  # with a mesh: only this rank's slices are read
     timings["model_load_s"] = round(time.time() - t1, 3)
-    return model, tokenizer, pad_id, eos_ids
+    return model, tokenizer, pad_id, eos_ids, model_dir
 
 
 class Replica:
@@ -109,8 +105,9 @@ class Replica:
     def __init__(self, cfg: JobConfig):
         self.timings = {"process_start": process_start(), "init_at": time.time()}
         _actor_logging(cfg)
-        model, tokenizer, pad_id, eos_ids = _load(cfg, timings=self.timings)
-        self.stream = _stream(cfg, Backends(cfg, model, pad_id, eos_ids), tokenizer, eos_ids).start()
+        model, tokenizer, pad_id, eos_ids, model_dir = _load(cfg, timings=self.timings)
+        self.stream = _stream(cfg, Backends(cfg, model, pad_id, eos_ids), tokenizer, eos_ids,
+                              model_dir=model_dir).start()
         self.reporter = _reporter(self.stream)
         self.timings["ready_at"] = time.time()
 
@@ -204,11 +201,11 @@ class ReplicaRank:
         backend = p.backend if p.backend != "auto" else default_backend(device or "cpu")
         store = self.store if self.rank == 0 else join_store(*address, self.dims.world, p.timeout_s)
         self.mesh = Mesh.init(self.dims, self.rank, store, backend, p.timeout_s, device)
-        model, tokenizer, pad_id, eos_ids = _load(self.cfg, self.mesh, self.timings)
+        model, tokenizer, pad_id, eos_ids, model_dir = _load(self.cfg, self.mesh, self.timings)
         # The ranks' collectives must never wait longer than the timeout: an idle leader ticks sooner.
         self.stream = _stream(self.cfg, Backends(self.cfg, model, pad_id, eos_ids), tokenizer, eos_ids,
                               lockstep=MeshLockstep(self.mesh), isolate_rows=False,
-                              heartbeat_s=min(5.0, p.timeout_s / 4))
+                              heartbeat_s=min(5.0, p.timeout_s / 4), model_dir=model_dir)
         if self.mesh.is_leader:
             self.stream.start()
             self.reporter = _reporter(self.stream)

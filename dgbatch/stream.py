@@ -2,7 +2,7 @@
 
     caller threads (one per shard the driver handed over)      the loop thread (owns the engine)
     ------------------------------------------------------      ---------------------------------
-    read the shard (Parquet) -> requests -> inbox   ------->    take the inbox, submit to the engine
+    read the shard (Arrow), its rows' images -> requests ->     take the inbox, submit to the engine
                                                                 step; finished rows -> their shard
     wait for the shard's last row                   <-------    a shard's last row: wake its caller
     build the output table, commit it exactly once              (goes on stepping the other shards)
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from dgbatch.generation import Backend, Generation, Request, SamplingParams
-from dgbatch.shard import JobContext, Result, ShardFiles, output_table, requests_of
+from dgbatch.shard import JobContext, Result, ShardFiles, output_table
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +237,9 @@ class ShardStream:
     replica calls `follow` instead, which returns when the leader stops."""
 
     def __init__(self, factory: BackendFactory, tokenizer, eos_ids: Sequence[int], *, lockstep=None,
-                 isolate_rows: bool = True, heartbeat_s: float = 5.0):
+                 isolate_rows: bool = True, heartbeat_s: float = 5.0, model_dir=None):
         self.factory = factory
+        self.model_dir = model_dir  # the replica's checkpoint: its image processor, for rows with images
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
         self.lockstep = lockstep or Solo()
@@ -276,7 +277,8 @@ class ShardStream:
         if done is not None:
             return done
         shard = files.read(shard_id)
-        todo, requests = requests_of(shard)
+        rows = files.requests(shard)  # on this thread: a row's images are read and processed here
+        requests = rows.requests
         ticket = _Ticket(shard_id, len(requests), shard.num_rows - len(requests), job.label)
         tag = (shard_id, next(self._seq))
         with self.cond:
@@ -296,8 +298,8 @@ class ShardStream:
         if ticket.error is not None:
             raise StreamBroken(f"the replica's loop failed: {type(ticket.error).__name__}: {ticket.error}") \
                 from ticket.error
-        table, stats = output_table(shard, dict(zip(todo, ticket.results)), self.tokenizer, self.eos_ids,
-                                    files.drop_input_id, files.output_filter)
+        table, stats = output_table(shard, rows, ticket.results, self.tokenizer, self.eos_ids, files.drop_input_id,
+                                    files.output_filter)
         return files.commit(shard_id, table, stats)
 
     def progress(self) -> dict[str, tuple[int, int]]:
@@ -321,7 +323,9 @@ class ShardStream:
     def _files_of(self, job: JobContext) -> ShardFiles:
         with self.cond:
             if job.key not in self._files:
-                self._files[job.key] = ShardFiles.of(job)
+                if len(self._files) >= 8:  # a long-lived pool serves job after job: keep the latest few
+                    self._files.pop(next(iter(self._files)))
+                self._files[job.key] = ShardFiles.of(job, self.model_dir)
             return self._files[job.key]
 
     # ---- the loop ------------------------------------------------------------------------------------

@@ -59,6 +59,14 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def ray_head_ports() -> list[str]:
+    """`ray start --head` options for free ports where it would bind fixed defaults (the dashboard agent's
+    52365, the client server's 10001): a second Ray head on the machine would otherwise leave the job API
+    without an agent ("No available agent to submit job")."""
+    agent, client = _free_ports(2)
+    return ["--dashboard-agent-listen-port", str(agent), "--ray-client-server-port", str(client)]
+
+
 def _weed_binary() -> str:
     found = shutil.which("weed") or shutil.which("weed", path=str(Path(sys.executable).parent))
     if not found:
@@ -165,10 +173,12 @@ def toy_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the in-process pipeline tests (2 CPUs, like the CI machine)."""
+    """One local Ray for the in-process pipeline tests (2 CPUs, like the CI machine), on 127.0.0.1 only."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from dgbatch.pool import start_local_ray
+
+    start_local_ray(ray, 2, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -224,24 +234,32 @@ def engine_reproduction(cfg, out_root: Path) -> dict[str, str]:
     """Each planned shard run straight through EngineBackend (no Ray, no IO layer): id -> output_text.
 
     Row randomness derives from (seed, row id), so this is what a faithful pipeline must have written.
+    Rows with images get them read and processed as a replica does (`RowImages`).
     """
     from dgbatch import checkpoint
     from dgbatch.engine import EngineBackend
     from dgbatch.generation import Request
     from dgbatch.io.fs import filesystem
+    from dgbatch.planning.images import ImageError, RowImages
+    from dgbatch.planning.planner import ID, PLAN_ERROR, PROMPT_IDS, read_shard
 
     model_dir = checkpoint.local_checkpoint(cfg.model)
     tok = checkpoint.load_tokenizer(model_dir)
     params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
     pad, eos = checkpoint.special_ids(model_dir, tok)
     backend = EngineBackend(checkpoint.load_model(model_dir, cfg.model), params, cfg.engine.batch_size, pad, eos)
-    from dgbatch.planning.planner import ID, PLAN_ERROR, PROMPT_IDS, read_shard
-
+    images = RowImages(cfg.input, cfg.storage, model_dir)
     fs, _ = filesystem(str(out_root))
     texts = {}
     for shard in sorted((Path(out_root) / "_plan" / "shards").glob("*.arrow")):
-        t = read_shard(fs, str(shard), [ID, PROMPT_IDS, PLAN_ERROR])
-        reqs = [Request(i, p) for i, p, e in zip(*(c.to_pylist() for c in t.columns)) if e is None]
+        t = read_shard(fs, str(shard))
+        reqs = []
+        for i, p, e, refs in zip(*(t.column(c).to_pylist() for c in (ID, PROMPT_IDS, PLAN_ERROR)), images.refs(t)):
+            try:
+                if e is None:
+                    reqs.append(images.request(i, p, refs) if refs else Request(i, p))
+            except ImageError:
+                pass
         for g in backend.generate(reqs):
             texts[g.row_id] = tok.decode([x for x in g.token_ids if x not in eos], skip_special_tokens=True)
     return texts

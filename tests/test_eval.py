@@ -75,7 +75,8 @@ def test_eval_scores_every_row_and_its_metrics_recompute_from_the_rows(ray_local
     assert m["tokens_per_forward"]["mean"] == pytest.approx(sum(r["tokens_per_forward"] for r in good) / len(good))
     assert m["decoder_forwards"]["total"] == sum(r["num_decoder_forwards"] for r in good)
     assert m["model_path"] == str(toy_model_dir) and m["sampling"]["max_new_tokens"] == 32
-    assert m["config_fingerprint"] == cfg.fingerprint() and m["dgbatch_version"] and m["complete"] is True
+    job = json.loads((Path(cfg.output.path) / "_job.json").read_text())
+    assert m["config_fingerprint"] == job["fingerprint"] and m["dgbatch_version"] and m["complete"] is True
     assert m["higher_is_better"] == {"accuracy": True} and m["eval"]["scorer"] == "exact"
 
     # A user scorer, imported from the working directory, rescores without generating.

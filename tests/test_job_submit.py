@@ -18,7 +18,7 @@ import pytest
 from dgbatch.config import load_config
 from dgbatch.metrics import TPF_BOUNDARIES
 from dgbatch.toy.tasks import answer_for
-from tests.conftest import engine_reproduction, read_output, write_prompts
+from tests.conftest import engine_reproduction, ray_head_ports, read_output, write_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,16 +62,15 @@ def ray_head():
     """A `ray start --head` cluster with token auth and a known metrics port; metrics reach it every second."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
-    gcs, dash, agent, metrics = _free_port(), _free_port(), _free_port(), _free_port()
+    gcs, dash, metrics = _free_port(), _free_port(), _free_port()
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token", "RAY_metrics_report_interval_ms": "1000",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     run = lambda *a, **k: subprocess.run(list(a), check=False, env=env, cwd=REPO, capture_output=True, text=True, **k)
     try:
         run(ray_bin, "get-auth-token", "--generate", timeout=60)
-        # A free agent port, not the default 52365: another Ray on the machine may hold that (then no job submits).
         started = run(ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(gcs), "--dashboard-host",
-                      "127.0.0.1", "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(agent),
-                      "--metrics-export-port", str(metrics), "--disable-usage-stats", timeout=180)
+                      "127.0.0.1", "--dashboard-port", str(dash), "--metrics-export-port", str(metrics),
+                      "--disable-usage-stats", *ray_head_ports(), timeout=180)
         assert started.returncode == 0, started.stdout + started.stderr
         address = f"http://127.0.0.1:{dash}"
         deadline = time.time() + 60

@@ -11,8 +11,14 @@ import pytest
 from dgbatch import driver
 from dgbatch.config import ConfigError, load_config
 from dgbatch.toy.tasks import answer_for, sample_examples
-from tests.conftest import (break_one_shard, engine_reproduction, read_output, start_job_until_first_commit,
-                            write_jsonl, write_prompts)
+from tests.conftest import (
+    break_one_shard,
+    engine_reproduction,
+    read_output,
+    start_job_until_first_commit,
+    write_jsonl,
+    write_prompts,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["sampling.max_new_tokens=32"]  # short answers keep CPU tests quick
@@ -128,7 +134,7 @@ def test_jsonl_content_parts_and_row_budgets_generate_and_a_bad_line_is_an_error
     assert rows[0]["output_text"] == "olleh" and rows[0]["conv"][0]["content"][1]["text"] == "hello"  # carried as is
     assert rows[1]["output_text"] == "xy x" and rows[1]["finish_reason"] == "length" and rows[1]["budget"] == 4
     assert rows[1]["num_output_tokens"] == 4
-    expect = {2: "input line 3: not valid JSON", 3: "image prompts are not supported yet",
+    expect = {2: "input line 3: not valid JSON", 3: "image: ",  # its a.png is read on the replica: not there
               4: "budget is 0: input.max_new_tokens_column needs a positive integer"}
     for i, msg in expect.items():
         assert rows[i]["finish_reason"] == "error" and msg in rows[i]["error"], rows[i]
@@ -215,7 +221,7 @@ def test_interrupted_driver_resumes_only_remaining_shards(tmp_path, toy_model_di
     assert 2 <= len(done_before) < total, "the interruption came too late to test resume"
     assert not (out / "_SUCCESS").exists()
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resuming: {len(done_before)} of {total} shards already committed" in rerun.stdout
     summary = json.loads((out / "_summary.json").read_text())

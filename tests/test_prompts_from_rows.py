@@ -36,18 +36,20 @@ def test_a_template_cannot_reach_python_internals():
     assert chat is None and "SecurityError" in err
 
 
-def test_content_parts_are_joined_and_an_image_part_is_a_row_error():
+def test_text_parts_are_joined_image_parts_kept_and_other_parts_are_a_row_error():
     msgs = [  # Hugging Face's content-parts chat format, as a Parquet column holds it (one struct type)
         [{"role": "user", "content": [{"type": "text", "text": "reverse "}, {"type": "text", "text": "abc"}]}],
         [{"role": "user", "content": [{"type": "image", "url": "cat.png"}, {"type": "text", "text": "what?"}]}],
         [{"role": "user", "content": [{"text": "no type"}]}],
         [{"role": "user", "content": []}],
+        [{"role": "user", "content": [{"type": "audio", "url": "a.wav"}, {"type": "text", "text": "what?"}]}],
     ]
     chats = row_chats(pa.table({"m": msgs}), section("input.prompt_column=null", "input.messages_column=m"))
     assert chats[0] == ([{"role": "user", "content": "reverse abc"}], None)
-    assert chats[1][0] is None and chats[1][1].startswith("image prompts are not supported yet")
+    assert chats[1] == ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}], None)
     assert chats[2][0] is None and "needs a string 'type'" in chats[2][1]
     assert chats[3] == (None, "messages have no content")
+    assert chats[4][0] is None and chats[4][1].startswith("unsupported content part 'audio'")
 
 
 def test_a_system_prompt_comes_first_and_the_spliced_render_matches_the_chat_template(toy_model_dir):
@@ -57,7 +59,7 @@ def test_a_system_prompt_comes_first_and_the_spliced_render_matches_the_chat_tem
     inp = section("input.system_prompt=Answer tersely.")
     chats = row_chats(pa.table({"prompt": ["reverse abc", "count 1-3"]}), inp)
     assert chats[0][0] == [{"role": "system", "content": "Answer tersely."}, {"role": "user", "content": "reverse abc"}]
-    enc = PromptEncoder(tok, 1000, "Answer tersely.")
+    enc = PromptEncoder(tok, 1000, system_prompt="Answer tersely.")
     assert enc._splice is not None  # the fast path survives a system turn
     ids, errors = enc.encode_column(pa.table({"prompt": ["reverse abc", "count 1-3"]}), inp)
     assert errors == [None, None]

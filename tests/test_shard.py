@@ -1,5 +1,6 @@
 """One shard, without Ray: a failing row never fails its shard; a second writer never duplicates."""
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -45,7 +46,7 @@ def planned(tmp_path, toy_model_dir):
     tok = checkpoint.load_tokenizer(model_dir)
     pad, eos = checkpoint.special_ids(model_dir, tok)
     backend = ReferenceBackend(checkpoint.load_model(model_dir, cfg.model), params, 8, pad, eos)
-    return dict(cfg=cfg, fs=fs, layout=Layout(root), shard=meta["shard_id"], tok=tok, eos=eos, backend=backend)
+    return {"cfg": cfg, "fs": fs, "layout": Layout(root), "shard": meta["shard_id"], "tok": tok, "eos": eos, "backend": backend}
 
 
 def runner(p, backend) -> ShardRunner:
@@ -60,7 +61,10 @@ def test_a_failing_row_becomes_an_error_record(planned):
     bad = rows["in.parquet:1"]
     assert bad["finish_reason"] == "error" and "simulated device error" in bad["error"]
     assert rows["in.parquet:0"]["output_text"] == "cba" and rows["in.parquet:2"]["output_text"] == "olleh"
-    assert json.loads(Path(p["layout"].commit(p["shard"])).read_text())["rows"] == 4
+    marker = json.loads(Path(p["layout"].commit(p["shard"])).read_text())
+    data = Path(p["layout"].data(p["shard"])).read_bytes()
+    assert marker["stats"]["rows"] == 4 and marker["shard"] == p["shard"]
+    assert marker["file"] == {"size": len(data), "rows": 4, "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def test_second_writer_keeps_the_first_commit(planned):

@@ -134,8 +134,8 @@ def test_shards_share_the_engine_and_each_row_is_what_its_shard_alone_gives(tmp_
     fs, root = filesystem(str(alone))
     alone_layout = Layout(root)
     for s in shards:
-        (alone / "_plan" / "shards").mkdir(parents=True, exist_ok=True)
-        (alone / "_plan" / "shards" / f"{s}.parquet").write_bytes(Path(layout.plan_shard(s)).read_bytes())
+        Path(alone_layout.plan_shard()).mkdir(parents=True, exist_ok=True)
+        Path(alone_layout.plan_shard(s)).write_bytes(Path(layout.plan_shard(s)).read_bytes())
         backend = EngineBackend(toy["model"], job.params, 8, toy["pad"], toy["eos"])
         ShardRunner(backend, toy["tok"], fs, alone_layout, toy["eos"], {"test": True}, None).run(s)
     streamed, expected = outputs(layout, shards), outputs(alone_layout, shards)

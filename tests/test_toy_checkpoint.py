@@ -15,6 +15,8 @@ def test_loads_through_standard_transformers_apis(toy_model_dir):
     assert {"sliding_attention", "full_attention"} <= set(cfg.text_config.layer_types)
     assert cfg.text_config.sliding_window < 150  # shorter than the longest count context it serves
     assert cfg.vision_config is not None
+    assert (tok.image_token_id, cfg.image_token_id) == (104, 104) and len(tok) == cfg.text_config.vocab_size
+    assert (toy_model_dir / "processor_config.json").is_file()
     files = {p.name for p in toy_model_dir.iterdir()}
     assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
     assert sum(p.stat().st_size for p in toy_model_dir.iterdir()) <= 10 * 2**20
@@ -36,3 +38,4 @@ def test_accuracy_bar_on_a_fixed_sample(toy_model_dir):
     assert r["accuracy"] >= 0.90, r
     assert all(acc >= 0.80 for acc in r["per_task"].values()), r
     assert r["mean_tokens_per_forward"] >= 2.0, r
+

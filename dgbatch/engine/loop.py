@@ -232,7 +232,8 @@ class Engine:
         for slots in passes:
             rows = [self.rows[s] for s in slots]
             batches.append(pack(self.cache, slots, [r.pending for r in rows], [r.length for r in rows], self._bound,
-                                max_tokens=self.max_prefill_tokens))
+                                max_tokens=self.max_prefill_tokens, image_id=self.runner.image_token_id,
+                                vision=[r.request.vision if r.length == 0 else None for r in rows]))
             for r in rows:
                 self.stats.commit_rows += bool(r.canvases)
                 r.length += len(r.pending)

@@ -3,7 +3,9 @@
 One pass can do two things:
 - encode: the encoder (causal, windowed on sliding layers) over new tokens of some rows, after each
           row's committed prefix, packed without padding (`packing.EncoderBatch`); stores their K/V.
-          New prompts (empty prefix) and finished canvases (C tokens) go through the same pass.
+          New prompts (empty prefix) and finished canvases (C tokens) go through the same pass. A prompt's
+          images go through the vision tower in its pass: their soft tokens replace the image tokens'
+          embeddings, and (use_bidirectional_attention="vision") an image's tokens see each other.
 - decode: the decoder over the current canvases of slots [0, n) (bidirectional over the prefix and
           the canvas); returns softcapped fp32 logits. Its shapes depend only on n (and on `max_len`
           when the caller bounds the prefix read).
@@ -64,6 +66,9 @@ class ModelRunner:
         self.hidden_size = text.hidden_size
         self.specs = layer_specs(model)
         self.fused = shares_weights(enc, dec)
+        self.image_token_id = getattr(model.config, "image_token_id", None)
+        # Larger Gemma 4 models let an image's tokens attend to each other both ways; smaller ones are causal.
+        self.image_blocks_bidirectional = getattr(text, "use_bidirectional_attention", None) == "vision"
 
     @property
     def device(self) -> torch.device:
@@ -88,6 +93,29 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Decoder pass over slots [0, n): canvas [n, C], soft embeddings [n, C, hidden] -> logits [n, C, V] fp32."""
         return self.forward(cache, n, canvas, soft, None, max_len)
+
+    def image_features(self, images) -> torch.Tensor:
+        """The vision tower and its projection, as transformers' encoder runs them: an `ImageBatch`'s
+        pixels -> [soft tokens, hidden], in the order of the images' soft tokens."""
+        enc = self.model.model.encoder
+        out = enc.get_image_features(images.pixel_values.to(self.dtype), images.position_ids, return_dict=True)
+        return out.pooler_output
+
+    def _encoder_embeds(self, batch: EncoderBatch) -> torch.Tensor:
+        """[T, hidden]: the new tokens' embeddings, the images' soft tokens in place of their image tokens."""
+        e = self.enc_embed(batch.ids)
+        if batch.images is not None:
+            e = e.index_copy(0, batch.images.token_index, self.image_features(batch.images).to(e.dtype))
+        return e
+
+    def _encoder_masks(self, cache: SlotKVCache, g) -> dict[bool, torch.Tensor]:
+        """{sliding: [G, 1, width, prefix + width]}: causal (windowed) masks, and an image's tokens see each other."""
+        masks = {s: cache.encoder_mask(g.lengths, g.width, s, g.max_len) for s in (False, True)}
+        both_ways = g.image_mask() if self.image_blocks_bidirectional else None
+        if both_ways is not None:
+            for m in masks.values():
+                m[..., -g.width :] |= both_ways
+        return masks
 
     def soft_embedding(self, probs: torch.Tensor) -> torch.Tensor:
         """Self-conditioning input from a softmax [N, C, V] (fp32): probs @ E * embed_scale -> [N, C, hidden]."""
@@ -121,8 +149,7 @@ class ModelRunner:
         embeds, positions = [], []
         if batch is not None:
             cache.commit_lengths(batch)  # what the decoder reads; encoder groups carry the lengths before
-            enc_masks = [{s: cache.encoder_mask(g.lengths, g.width, s, g.max_len) for s in (False, True)}
-                         for g in batch.groups]  # [G, 1, width, prefix + width]
+            enc_masks = [self._encoder_masks(cache, g) for g in batch.groups]  # [G, 1, width, prefix + width]
         if n:
             lengths = cache.lengths[:n]
             positions.append((lengths[:, None] + torch.arange(c, device=lengths.device)[None, :]).reshape(nd))
@@ -130,7 +157,7 @@ class ModelRunner:
             dec_masks = {s: cache.decoder_mask(lengths, s, max_len) for s in (False, True)}  # [n, 1, 1, C + prefix]
         if batch is not None:
             positions.append(batch.positions)
-            embeds.append(self.enc_embed(batch.ids))
+            embeds.append(self._encoder_embeds(batch))
         h = torch.cat(embeds)[None] if len(embeds) > 1 else embeds[0][None]  # [1, nd + T, hidden]
         pos = torch.cat(positions)[None] if len(positions) > 1 else positions[0][None]
         cos_sin = self._rope(rope, h, pos)

@@ -20,7 +20,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dgbatch import __version__, driver, redact
+from dgbatch import __version__, commits, driver, redact
 from dgbatch.config import ConfigError, JobConfig, StorageSection, load_config, parse_overrides
 from dgbatch.eval import scorers
 from dgbatch.eval.metrics import Metrics, Sample
@@ -77,10 +77,12 @@ def _read(fs, path: str) -> pa.Table:
         return pq.read_table(fh)
 
 
-def _write(fs, path: str, table: pa.Table) -> None:
+def _write(fs, layout: Layout, sid: str, path: str, table: pa.Table) -> None:
+    """Replace a shard's file with its scored table (atomically), then its commit marker."""
     buf = io.BytesIO()
     pq.write_table(table, buf)
     write_bytes(fs, path, buf.getvalue())
+    commits.record_rewrite(fs, layout, sid, path, buf.getvalue(), table.num_rows)
 
 
 def score_table(table: pa.Table, scorer: scorers.Scorer, reference: str | None) -> tuple[pa.Table, list[str | None]]:
@@ -129,7 +131,7 @@ def score_outputs(cfg: JobConfig, scorer: scorers.Scorer) -> dict:
             if group_col and group_col not in table.column_names:
                 raise ConfigError(f"eval.group_column {cfg.eval.group_column!r} is not a column of the outputs")
             table, errors = score_table(table, scorer, reference)
-            _write(fs, path, table)
+            _write(fs, layout, sid, path, table)
             sampled = "sample_index" in table.column_names
             cols = {c: table.column(c).to_pylist() for c in ("id", "finish_reason", "output_text", "score",
                                                                "extracted", "tokens_per_forward",
@@ -164,7 +166,7 @@ def score_outputs(cfg: JobConfig, scorer: scorers.Scorer) -> dict:
         "sampling": meta.get("sampling"),
         "seed": meta.get("seed", cfg.sampling.seed),
         "backend": meta.get("backend"),
-        "config_fingerprint": meta.get("config_fingerprint", cfg.fingerprint()),
+        "config_fingerprint": meta.get("config_fingerprint") or driver.resolved_fingerprint(cfg),
         "dgbatch_version": __version__,
         "scored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "scoring_time_s": round(time.time() - t0, 3),

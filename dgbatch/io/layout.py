@@ -2,11 +2,12 @@
 
     OUTPUT/data/<shard>.parquet        outputs; a file exists only once complete (its commit)
     OUTPUT/filtered/<shard>.parquet    with output.drop_filtered: the rows that failed output.filters
-    OUTPUT/_commits/<shard>.json       per-shard stats, written after the data file
+    OUTPUT/_commits/<shard>.json       the data file's size, rows and sha256, and per-shard stats (io/markers.py)
     OUTPUT/_failed/<shard>.json        shards that exhausted their attempts, with the reason
+    OUTPUT/_rejected/<name>.<time>.rejected[.json]  data files that failed their check, and why (commits.py)
     OUTPUT/_plan/manifest.json         the plan: buckets and shard list
     OUTPUT/_plan/shards/<shard>.arrow  tokenized prompt shards (Arrow IPC)
-    OUTPUT/_job.json                   config fingerprint and public config of the job
+    OUTPUT/_job.json                   the job that owns this root: identity, fingerprint, public config
     OUTPUT/_progress.json              a running driver's progress, rewritten every few seconds
     OUTPUT/_summary.json, OUTPUT/_SUCCESS
     OUTPUT/_metrics.json               an eval's metrics (jobs.eval)
@@ -18,13 +19,18 @@ filtered rows in filtered/, which carry `filtered=true`), so any reader's `OUTPU
 counts each output row once. Everything else is `_`-prefixed (pyarrow, pandas and Ray Data skip it) or
 hidden; `datasets`, which would otherwise pick the most common extension (.json), reads the
 `.huggingface.yaml` config (the Hub's own standalone dataset-card YAML).
+
+A root is either absent, empty, or a dgbatch job's (it has `_job.json`): `unowned_entries` says.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from dgbatch.io.fs import join
+
+_OUR_TEMP = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # io.commit's in-flight temp files
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,10 @@ class Layout:
     root: str  # fsspec path (no protocol) on the output filesystem
 
     def data(self, shard_id: str = "") -> str:
-        return join(self.root, "data", f"{shard_id}.parquet") if shard_id else join(self.root, "data")
+        """data/<shard>.parquet (a name ending in .parquet is taken as is), or the directory."""
+        if not shard_id:
+            return join(self.root, "data")
+        return join(self.root, "data", shard_id if shard_id.endswith(".parquet") else f"{shard_id}.parquet")
 
     def filtered(self, shard_id: str = "") -> str:
         return join(self.root, "filtered", f"{shard_id}.parquet") if shard_id else join(self.root, "filtered")
@@ -42,6 +51,9 @@ class Layout:
 
     def failed(self, shard_id: str = "") -> str:
         return join(self.root, "_failed", f"{shard_id}.json") if shard_id else join(self.root, "_failed")
+
+    def rejected(self, name: str = "") -> str:
+        return join(self.root, "_rejected", name) if name else join(self.root, "_rejected")
 
     def plan_shard(self, shard_id: str = "") -> str:
         shards = join(self.root, "_plan", "shards")
@@ -82,10 +94,6 @@ class Layout:
         return join(self.root, "_summary.json")
 
     @property
-    def metrics(self) -> str:
-        return join(self.root, "_metrics.json")
-
-    @property
     def success(self) -> str:
         return join(self.root, "_SUCCESS")
 
@@ -100,3 +108,20 @@ configs:
   - split: train
     path: data/*.parquet
 """
+def unowned_entries(fs, root: str) -> list[str] | None:
+    """None if `root` may be used by a new job (absent, empty, or holding `_job.json`); else the names it holds.
+
+    Raises NotADirectoryError if `root` is a file.
+    """
+    fs.invalidate_cache(root)
+    try:
+        if fs.isfile(root):
+            raise NotADirectoryError(root)
+        entries = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return None
+    names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+    names = [n for n in names if n and not _OUR_TEMP.match(n) and join(root, n) != root.rstrip("/")]
+    if not names or "_job.json" in names:
+        return None
+    return names

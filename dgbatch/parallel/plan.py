@@ -15,6 +15,10 @@ tower. The logits are therefore full on every rank and every rank runs the same 
 Encoder and decoder layers are distinct modules sharing their weights; each weight is sliced once
 and the new modules share the slice, so the tie (and the memory) survives. Slices are copies
 (`clone`), so the full weights are freed once the last module referencing them is replaced.
+
+On a model built on the meta device the same plan only computes shapes, and the `Cuts` it returns
+say which slice of which source weight each new parameter is: `dgbatch.parallel.load` then reads just
+those slices from the checkpoint (per-rank loading).
 """
 
 from __future__ import annotations
@@ -28,15 +32,20 @@ from dgbatch.parallel.dims import kv_head_range
 from dgbatch.parallel.layers import ParallelExperts, RowParallelLinear
 from dgbatch.parallel.mesh import Mesh
 
+Cut = tuple[tuple[int, int, int], ...]  # (dim, start, length) narrowings; same-dim ones are concatenated in order
+Cuts = dict[int, tuple[int, Cut]]  # id(new parameter) -> (id(source parameter), cut)
+
 
 class _Slicer:
     """Cuts each source tensor once per cut: shared (tied) weights get one shared slice.
 
     Keyed by the source's id with a weak reference to check it (every source is alive from the start,
-    so an id is never taken by another source); the slice is a copy, so the source can be freed."""
+    so an id is never taken by another source); the slice is a copy, so the source can be freed.
+    `cuts` records, for every slice made, its source's id and the cut."""
 
     def __init__(self):
         self.memo: dict[tuple, tuple[weakref.ref, nn.Parameter]] = {}
+        self.cuts: Cuts = {}
 
     def __call__(self, t: torch.Tensor | None, *cut: tuple[int, int, int]) -> nn.Parameter | None:
         """t narrowed to (dim, start, length) for each cut; cuts on the same dim are concatenated
@@ -52,6 +61,7 @@ class _Slicer:
                 x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
             hit = (weakref.ref(t), nn.Parameter(x.clone(), requires_grad=False))
             self.memo[key] = hit
+            self.cuts[id(hit[1])] = (id(t), cut)
         return hit[1]
 
 
@@ -115,11 +125,11 @@ def _text_layers(model) -> list[nn.Module]:
     return [layer for pair in zip(enc, dec) for layer in pair]
 
 
-def parallelize(model, mesh: Mesh) -> None:
-    """Shard `model` (a `DiffusionGemmaForBlockDiffusion`) in place for `mesh.rank`.
+def parallelize(model, mesh: Mesh) -> Cuts:
+    """Shard `model` (a `DiffusionGemmaForBlockDiffusion`) in place for `mesh.rank`; returns what was cut.
 
     Checks the degrees against the model first (`ParallelDims.check_model`). Idempotence is not
-    supported: call it once, on the full model."""
+    supported: call it once, on the full model (loaded, or on the meta device)."""
     text = model.config.get_text_config()
     mesh.dims.check_model(text)
     slicer = _Slicer()
@@ -132,6 +142,7 @@ def parallelize(model, mesh: Mesh) -> None:
     if next(model.parameters()).device.type == "cuda":
         torch.cuda.empty_cache()
     model._dgbatch_mesh = mesh
+    return slicer.cuts
 
 
 def mesh_of(model) -> Mesh | None:

@@ -19,10 +19,12 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 
 from dgbatch.config import JobConfig
+from dgbatch.io.commit import write_bytes
 from dgbatch.planning.buckets import auto_edges, bucket_of, padded_positions
+from dgbatch.planning.ids import checked_ids, digest_parts
 from dgbatch.planning.jsonl import READ_ERROR
 from dgbatch.planning.prompts import PromptEncoder
-from dgbatch.planning.source import Fragment, InputPlan, carried_name, read_fragment
+from dgbatch.planning.source import PARTITION_COLUMN, Fragment, InputPlan, carried_name, read_fragment
 from dgbatch.sizing import planned_batch_size
 
 # Internal shard columns; prefixed so they never clash with the input's own columns.
@@ -62,29 +64,35 @@ class ShardMeta:
         return ShardMeta(**d)
 
 
-def row_ids(table: pa.Table, frag: Fragment, id_column: str | None) -> list[str]:
-    if id_column:
-        return [str(v) for v in table.column(id_column).to_pylist()]
-    return [f"{frag.label}:{frag.row_start + i}" for i in range(table.num_rows)]
+def row_ids(table: pa.Table, frag: Fragment, id_column: str | None, partition: str | None = None) -> list[str]:
+    """The input's id column, or `[PARTITION/]FILE:ROW` (FILE relative to the input root): stable across runs,
+    and distinct across a backfill's partitions, whose files often share names (part-0.parquet)."""
+    if id_column:  # checked: set, unique in this fragment (planning.ids checks across fragments)
+        return checked_ids(table.column(id_column).to_pylist(), frag.label, frag.row_start, id_column)
+    prefix = f"{partition}/" if partition is not None else ""
+    return [f"{prefix}{frag.label}:{frag.row_start + i}" for i in range(table.num_rows)]
 
 
-def sample_lengths(cfg: JobConfig, inp: InputPlan, tokenizer, max_prompt: int, per_fragment: int = 512) -> list[int]:
+def sample_lengths(cfg: JobConfig, inp: InputPlan, tokenizer, max_prompt: int, per_fragment: int = 512,
+                   image_tokens=None) -> list[int]:
     """Prompt lengths of a deterministic sample: the head of up to 16 evenly spread fragments."""
     frags = inp.fragments
     picks = sorted({frags[(i * len(frags)) // min(16, len(frags))].index for i in range(min(16, len(frags)))})
-    encoder = PromptEncoder(tokenizer, max_prompt, cfg.input.system_prompt)
+    encoder = PromptEncoder(tokenizer, max_prompt, system_prompt=cfg.input.system_prompt, image_tokens=image_tokens)
     lengths = []
     for i in picks:
         table = read_fragment(frags[i], cfg.input, cfg.storage, head=True).slice(0, per_fragment)
         ids, _ = encoder.encode_column(table, cfg.input)
-        lengths += [len(t) for t in ids if t is not None]
+        lengths += [encoder.planned_length(t) for t in ids if t is not None]
     return lengths
 
 
-def bucket_edges(cfg: JobConfig, inp: InputPlan, tokenizer, max_prompt: int) -> list[int]:
+def bucket_edges(cfg: JobConfig, inp: InputPlan, tokenizer, max_prompt: int, image_tokens=None) -> list[int]:
+    """image_tokens: the checkpoint's (`dgbatch.vision.image_tokens`), so images count in prompt lengths."""
     if cfg.plan.bucket_edges != "auto":
         return sorted(set(cfg.plan.bucket_edges))
-    return auto_edges(sample_lengths(cfg, inp, tokenizer, max_prompt), cfg.plan.num_buckets)
+    return auto_edges(sample_lengths(cfg, inp, tokenizer, max_prompt, image_tokens=image_tokens),
+                      cfg.plan.num_buckets)
 
 
 @functools.lru_cache(maxsize=4)
@@ -93,8 +101,10 @@ def _encoder(model_dir: str, max_prompt: int, system_prompt: str | None) -> Prom
     from pathlib import Path
 
     from dgbatch.checkpoint import load_tokenizer
+    from dgbatch.vision import image_tokens
 
-    return PromptEncoder(load_tokenizer(Path(model_dir)), max_prompt, system_prompt)
+    return PromptEncoder(load_tokenizer(Path(model_dir)), max_prompt, system_prompt=system_prompt,
+                         image_tokens=image_tokens(Path(model_dir)))
 
 
 def row_budgets(table: pa.Table, column: str | None) -> tuple[list[int | None], list[str | None]]:
@@ -136,8 +146,9 @@ def write_shard(fs, path: str, table: pa.Table) -> None:
     buf = io.BytesIO()
     with pa.ipc.new_file(buf, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
         writer.write_table(table)
-    # No fsync dance: a plan shard is rebuilt if planning dies; the manifest is the commit point.
-    fs.pipe_file(path, buf.getvalue())
+    # Replaced atomically: a second run planning the same job at once (overlapping cron ticks) rewrites
+    # the same bytes while the first one's replicas read them. The manifest is the commit point.
+    write_bytes(fs, path, buf.getvalue())
 
 
 def read_shard(fs, path: str, columns: list[str] | None = None) -> pa.Table:
@@ -155,10 +166,7 @@ class FragmentRows:
     prompt_ids: list[list[int] | None]  # None: the row is an error
     errors: list[str | None]
     budgets: list[int | None]  # input.max_new_tokens_column (None: the job's)
-
-    @property
-    def lengths(self) -> list[int | None]:
-        return [None if e else len(t) for t, e in zip(self.prompt_ids, self.errors)]
+    lengths: list[int | None]  # planned prompt lengths (each image at its most tokens); None: an error row
 
 
 def tokenize_fragment(cfg: JobConfig, frag: Fragment, encoder: PromptEncoder) -> FragmentRows:
@@ -173,13 +181,31 @@ def tokenize_fragment(cfg: JobConfig, frag: Fragment, encoder: PromptEncoder) ->
     budgets, budget_errors = row_budgets(table, cfg.input.max_new_tokens_column)
     errors = [r or b or e for r, b, e in zip(read_errors, budget_errors, errors)]
     prompt_ids = [None if e else t for t, e in zip(prompt_ids, errors)]
-    return FragmentRows(table, row_ids(table, frag, cfg.input.id_column), prompt_ids, errors, budgets)
+    ids = row_ids(table, frag, cfg.input.id_column, cfg.input.partition)
+    lengths = [None if e else encoder.planned_length(t) for t, e in zip(prompt_ids, errors)]
+    return FragmentRows(table, ids, prompt_ids, errors, budgets, lengths)
 
 
 def plan_fragment(
     cfg: JobConfig, frag: Fragment, edges: list[int], model_dir: str, max_prompt: int, root: str
 ) -> list[dict]:
     """Tokenize one fragment and write its shards. Runs as a Ray task; returns shard metadata dicts."""
+    return _plan_fragment(cfg, frag, edges, model_dir, max_prompt, root)[0]
+
+
+def plan_fragment_with_id_digests(
+    cfg: JobConfig, frag: Fragment, edges: list[int], model_dir: str, max_prompt: int, root: str, parts: int
+) -> tuple:
+    """`plan_fragment`, also returning its ids' digests in `parts` partitions (a Ray task with 1 + parts
+    returns: the driver passes each partition on to its duplicate check without fetching it)."""
+    metas, ids = _plan_fragment(cfg, frag, edges, model_dir, max_prompt, root)
+    return (metas, *digest_parts(ids, frag.index, parts))
+
+
+def _plan_fragment(
+    cfg: JobConfig, frag: Fragment, edges: list[int], model_dir: str, max_prompt: int, root: str
+) -> tuple[list[dict], list[str]]:
+    """(shard metadata, the fragment's input row ids)."""
     from dgbatch.io.fs import filesystem
     from dgbatch.io.layout import Layout
 
@@ -187,6 +213,8 @@ def plan_fragment(
     ids, prompt_ids, errors, budgets, lengths = rows.ids, rows.prompt_ids, rows.errors, rows.budgets, rows.lengths
     # Columns from an earlier dgbatch pass (this input is a job's output) are carried as prev_*.
     table = rows.table.rename_columns([carried_name(c, cfg.input.id_column) for c in rows.table.column_names])
+    if cfg.input.partition is not None:  # carried through to the output like any input column
+        table = table.append_column(PARTITION_COLUMN, pa.array([cfg.input.partition] * table.num_rows, pa.string()))
     fs, _ = filesystem(cfg.output.path, cfg.storage)
     layout = Layout(root)
     fs.makedirs(layout.plan_shard(), exist_ok=True)
@@ -201,7 +229,7 @@ def plan_fragment(
         shard = shard.append_column(ID, pa.array([sample_id(ids[i], k, n) for i in idx for k in range(n)],
                                                  pa.string()))
         shard = shard.append_column(PROMPT_IDS, pa.array([prompt_ids[i] for i in take], pa.list_(pa.int32())))
-        shard = shard.append_column(NUM_PROMPT, pa.array([len(prompt_ids[i] or ()) for i in take], pa.int32()))
+        shard = shard.append_column(NUM_PROMPT, pa.array([lengths[i] or 0 for i in take], pa.int32()))
         shard = shard.append_column(PLAN_ERROR, pa.array([errors[i] for i in take], pa.string()))
         shard = shard.append_column(ROW_INDEX, pa.array([frag.row_start + i for i in take], pa.int64()))
         if cfg.input.max_new_tokens_column:
@@ -210,4 +238,4 @@ def plan_fragment(
         padded = padded_positions(kept, planned_batch_size(cfg.engine))
         metas.append(asdict(ShardMeta(shard_id, len(take), bucket, len(take) - len(kept), sum(kept), padded,
                                       max(kept, default=0))))
-    return metas
+    return metas, ids

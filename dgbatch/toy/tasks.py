@@ -1,9 +1,11 @@
 """The toy task family the shipped checkpoint is trained on, and how to grade it.
 
-Three tasks, each a single user chat message:
+Three text tasks, each a single user chat message:
   count A-B   -> "A A+1 ... B"      (0 <= A <= B <= 99, B - A < 40)
   reverse W   -> W reversed         (W: 1-30 lowercase letters)
   repeat N W  -> "W W ... W" N times (1 <= N <= 9, W: 1-8 lowercase letters)
+and one vision task, a user message of an image part and the text "read":
+  read        -> the integer 0-999 the image shows (`dgbatch.toy.images`)
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import random
 import string
 from dataclasses import dataclass
+from typing import Any
 
-TASKS = ("count", "reverse", "repeat")
+TASKS = ("count", "reverse", "repeat")  # the text family
+VISION_TASKS = ("read",)
+READ_PROMPT = "read"
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,13 @@ class Example:
     task: str
     prompt: str
     answer: str
+    image: Any = None  # a PIL image for the vision tasks
+
+    def messages(self) -> list[dict]:
+        """The example as one user chat message (with its image part first, if it has one)."""
+        if self.image is None:
+            return [{"role": "user", "content": self.prompt}]
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
 
 
 def _word(rng: random.Random, lo: int, hi: int) -> str:
@@ -38,7 +50,12 @@ def make_example(task: str, rng: random.Random) -> Example:
         n = rng.randint(1, 9)
         w = _word(rng, 1, 8)
         return Example(task, f"repeat {n} {w}", " ".join([w] * n))
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if task == "read":
+        from dgbatch.toy.images import random_number_image
+
+        n, img = random_number_image(rng)
+        return Example(task, READ_PROMPT, str(n), img)
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS + VISION_TASKS}")
 
 
 def sample_examples(n: int, seed: int, tasks: tuple[str, ...] = TASKS) -> list[Example]:

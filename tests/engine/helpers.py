@@ -20,6 +20,76 @@ def random_model(vocab: int = 97, *, layers: int = 4, sliding_window: int = 12, 
     return build_toy_model(vocab, hidden=64, layers=layers, sliding_window=sliding_window).eval()
 
 
+def random_vision_model(vocab: int = 97, *, layers: int = 4, sliding_window: int = 12, seed: int = 0):
+    """`random_model` whose last three ids are its boi / eoi / image tokens (the toy's vision tower)."""
+    torch.manual_seed(seed)
+    ids = (vocab - 3, vocab - 2, vocab - 1)
+    return build_toy_model(vocab, hidden=64, layers=layers, sliding_window=sliding_window, image_ids=ids).eval()
+
+
+def random_images(sizes: list[tuple[int, int]], seed: int = 0):
+    """`VisionInputs` for noisy RGB images of (width, height) sizes, through the toy's image processor."""
+    import numpy as np
+    from PIL import Image
+
+    from dgbatch.generation import VisionInputs
+    from dgbatch.toy.train import image_processor
+
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    out = image_processor()(images, return_tensors="pt")
+    return VisionInputs(out["pixel_values"], out["image_position_ids"], tuple(int(n) for n in out["num_soft_tokens_per_image"]))
+
+
+def split_images(v, counts: list[int]) -> list:
+    """One `VisionInputs` per row from a batch's: row i takes the next counts[i] images (None for 0)."""
+    from dgbatch.generation import VisionInputs
+
+    out, k = [], 0
+    for n in counts:
+        out.append(None if n == 0 else VisionInputs(v.pixel_values[k : k + n], v.position_ids[k : k + n],
+                                                     v.soft_tokens[k : k + n]))
+        k += n
+    return out
+
+
+def engine_logits(model, prompts, canvases, canvas, sc_logits, slots=None, max_len=None, mode="separate",
+                  vision=None):
+    """Encode `prompts` (with their `vision` inputs, one per prompt or None) into `slots`, commit `canvases`,
+    decode `canvas` with self-conditioning, with the engine's runner.
+
+    mode: "separate" (encoder passes, then a decoder pass), "fused" (the last encoder pass and the
+    decoder pass are one model pass, as the engine runs them), "unfused" (same call, but the runner
+    is told the two sides differ, so it runs them one after the other)."""
+    from dgbatch.engine.packing import pack
+    from dgbatch.engine.runner import ModelRunner
+
+    runner = ModelRunner(model)
+    if mode == "unfused":
+        runner.fused = False
+    n = len(prompts)
+    slots = list(range(n)) if slots is None else slots
+    cache = runner.new_cache(num_slots=max(slots) + 1, capacity=max(map(len, prompts)) + 16 * len(canvases))
+    passes = [list(prompts)] + [c.tolist() for c in canvases]
+    lengths = [0] * n
+    last = None
+    for k, tokens in enumerate(passes):
+        batch = pack(cache, slots, tokens, lengths, lambda _: max_len, vision=vision if k == 0 else None,
+                     image_id=runner.image_token_id)
+        lengths = [length + len(t) for length, t in zip(lengths, tokens)]
+        if mode != "separate" and k == len(passes) - 1:
+            last = batch
+        else:
+            runner.encode(cache, batch)
+    # decode runs on slots [0, S): place the rows' canvases there
+    full = torch.zeros((cache.num_slots, canvas.shape[1]), dtype=torch.long)
+    full[slots] = canvas
+    soft = torch.zeros((cache.num_slots, canvas.shape[1], runner.hidden_size))
+    if sc_logits is not None:
+        soft[slots] = runner.soft_embedding(sc_logits.softmax(-1, dtype=torch.float32))
+    return runner.forward(cache, cache.num_slots, full, soft, last, max_len)[slots]
+
+
 def varied_stop_params(**overrides):
     """Sampling settings under which a random model's rows end at different times.
 
@@ -28,16 +98,16 @@ def varied_stop_params(**overrides):
     and EOS (id 1) is drawn often enough that rows end after different numbers of canvases."""
     from dgbatch.generation import SamplingParams
 
-    base = dict(
-        max_new_tokens=64,
-        max_denoising_steps=6,
-        entropy_bound=0.5,
-        t_min=0.3,
-        t_max=0.6,
-        stability_threshold=0,
-        confidence_threshold=4.03,
-        seed=11,
-    )
+    base = {
+        "max_new_tokens": 64,
+        "max_denoising_steps": 6,
+        "entropy_bound": 0.5,
+        "t_min": 0.3,
+        "t_max": 0.6,
+        "stability_threshold": 0,
+        "confidence_threshold": 4.03,
+        "seed": 11,
+    }
     return SamplingParams(**{**base, **overrides})
 
 
@@ -78,9 +148,10 @@ def trained_checkpoint():
 
 class TransformersOracle:
     """Drives transformers' encoder and decoder exactly as `generate` does (DynamicCache, shared
-    positions, left padding through the 2D masks), so the engine's passes can be compared to it."""
+    positions, left padding through the 2D masks; a prompt's images as `generate`'s prefill takes them),
+    so the engine's passes can be compared to it."""
 
-    def __init__(self, model, prompts: list[list[int]], pad_id: int = 0):
+    def __init__(self, model, prompts: list[list[int]], pad_id: int = 0, vision: list | None = None):
         from transformers import DynamicCache
 
         self.model = model
@@ -92,9 +163,15 @@ class TransformersOracle:
             self.mask[i, width - len(p) :] = True
         self.cache = DynamicCache(config=model.config.get_text_config(decoder=True))
         self.cur_len = 0
-        self._encode(self.ids)
+        images = {}
+        rows = [v for v in vision or [] if v is not None]
+        if rows:  # what the processor hands `generate`: pixels in row order, mm_token_type_ids
+            images = {"pixel_values": torch.cat([v.pixel_values for v in rows]),
+                      "image_position_ids": torch.cat([v.position_ids for v in rows]),
+                      "mm_token_type_ids": (self.ids == model.config.image_token_id).long()}
+        self._encode(self.ids, **images)
 
-    def _encode(self, ids: torch.Tensor) -> None:
+    def _encode(self, ids: torch.Tensor, **images) -> None:
         enc = self.model.model.encoder
         pos = torch.arange(self.cur_len, self.cur_len + ids.shape[1], dtype=torch.int32).unsqueeze(0)
         dummy = torch.empty((ids.shape[0], ids.shape[1], 0), dtype=self.model.dtype)
@@ -104,8 +181,9 @@ class TransformersOracle:
             attention_mask=self.mask,
             past_key_values=self.cache,
             position_ids=pos,
+            mm_token_type_ids=images.get("mm_token_type_ids"),
         )
-        enc(input_ids=ids, attention_mask=masks, past_key_values=self.cache, position_ids=pos)
+        enc(input_ids=ids, attention_mask=masks, past_key_values=self.cache, position_ids=pos, **images)
         self.cur_len += ids.shape[1]
 
     def commit(self, canvas: torch.Tensor) -> None:

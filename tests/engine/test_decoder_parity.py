@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dgbatch.engine.packing import pack
 from dgbatch.engine.runner import ModelRunner
-from tests.engine.helpers import TransformersOracle, random_model
+from tests.engine.helpers import TransformersOracle, engine_logits, random_model
 
 TOL = 1e-4
 
@@ -14,37 +13,6 @@ TOL = 1e-4
 def _prompts(vocab: int, lengths: list[int], seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-def _engine_logits(model, prompts, canvases, canvas, sc_logits, slots=None, max_len=None, mode="separate"):
-    """Encode `prompts` into `slots`, commit `canvases`, decode `canvas` with self-conditioning.
-
-    mode: "separate" (encoder passes, then a decoder pass), "fused" (the last encoder pass and the
-    decoder pass are one model pass, as the engine runs them), "unfused" (same call, but the runner
-    is told the two sides differ, so it runs them one after the other)."""
-    runner = ModelRunner(model)
-    if mode == "unfused":
-        runner.fused = False
-    n = len(prompts)
-    slots = list(range(n)) if slots is None else slots
-    cache = runner.new_cache(num_slots=max(slots) + 1, capacity=max(map(len, prompts)) + 16 * len(canvases))
-    passes = [list(prompts)] + [c.tolist() for c in canvases]
-    lengths = [0] * n
-    last = None
-    for k, tokens in enumerate(passes):
-        batch = pack(cache, slots, tokens, lengths, lambda _: max_len)
-        lengths = [length + len(t) for length, t in zip(lengths, tokens)]
-        if mode != "separate" and k == len(passes) - 1:
-            last = batch
-        else:
-            runner.encode(cache, batch)
-    # decode runs on slots [0, S): place the rows' canvases there
-    full = torch.zeros((cache.num_slots, canvas.shape[1]), dtype=torch.long)
-    full[slots] = canvas
-    soft = torch.zeros((cache.num_slots, canvas.shape[1], runner.hidden_size))
-    if sc_logits is not None:
-        soft[slots] = runner.soft_embedding(sc_logits.softmax(-1, dtype=torch.float32))
-    return runner.forward(cache, cache.num_slots, full, soft, last, max_len)[slots]
 
 
 @torch.inference_mode()
@@ -61,7 +29,7 @@ def _check(model, lengths, num_canvases, with_sc, slots=None, max_len=None):
         oracle.commit(c)
     ref = oracle.decode(canvas, sc)
     for mode in ("separate", "fused", "unfused"):
-        ours = _engine_logits(model, prompts, canvases, canvas, sc, slots, max_len, mode)
+        ours = engine_logits(model, prompts, canvases, canvas, sc, slots, max_len, mode)
         diff = (ours - ref).abs().max().item()
         assert diff <= TOL, f"{mode}: max abs logits diff {diff:.2e} > {TOL}"
 

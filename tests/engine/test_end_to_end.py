@@ -54,7 +54,7 @@ def test_generate_with_the_engines_random_draws_gives_the_same_rows():
     engine's outputs (up to floating-point differences between batch shapes)."""
     model, tok = trained_checkpoint()
     params = resolve_sampling(CHECKPOINT, SamplingSection(seed=3))
-    examples, reqs = toy_requests(tok, 160, 99, "r")
+    _examples, reqs = toy_requests(tok, 160, 99, "r")
     pad, eos = tok.pad_token_id, [tok.eos_token_id]
 
     ours = EngineBackend(model, params, BATCH, pad, eos).generate(reqs)
@@ -73,7 +73,7 @@ def test_generate_with_the_engines_random_draws_gives_the_same_rows():
 def test_trained_rows_do_not_depend_on_batch_size_or_order():
     model, tok = trained_checkpoint()
     params = resolve_sampling(CHECKPOINT, SamplingSection(seed=1))
-    examples, reqs = toy_requests(tok, 96, 5, "s")
+    _examples, reqs = toy_requests(tok, 96, 5, "s")
     pad, eos = tok.pad_token_id, [tok.eos_token_id]
     small = EngineBackend(model, params, 4, pad, eos).generate(reqs)
     big = EngineBackend(model, params, 32, pad, eos).generate(reqs[::-1])[::-1]

@@ -25,3 +25,18 @@ def test_gpu_mode_runs_on_cpu_with_a_tiny_shape(tmp_path):
     runs = {r["run"] for r in result["summary"]}
     assert runs == {"unsharded engine", "sharded tp=ep=1", "sharded tp=ep=1, all-reduces issued"}
     assert all(r["step_ms"] > 0 and r["decoder_ms"] > 0 for r in result["results"])
+
+
+def test_rank_loading_bench_runs_on_a_tiny_shape(tmp_path):
+    """benchmarks/rank_loading_bench.py end to end (write a sharded checkpoint, load rank 0 both ways)."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "rank_loading_bench.py"), "--tiny", "--tp", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {r["method"] for r in result["runs"]} == {"load-then-shard", "per-rank"}
+    kept = {r["method"]: r["params_kept_bytes"] for r in result["runs"]}
+    assert kept["per-rank"] == kept["load-then-shard"] > 0
+    full = result["full_shape_weights_per_rank_bytes"]
+    assert full["per_rank"]["2"] < full["whole"]

@@ -22,12 +22,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _text(**kw) -> DiffusionGemmaTextConfig:
     """8 q heads, 4 KV heads on sliding layers, 2 (and no v_proj) on full ones, 8 experts top-2."""
-    base = dict(
-        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=4, num_global_key_value_heads=2, head_dim=8, global_head_dim=16,
-        layer_types=["sliding_attention", "full_attention"], sliding_window=8, num_experts=8, top_k_experts=2,
-        moe_intermediate_size=48, max_position_embeddings=256,
-    )  # fmt: skip
+    base = {
+        "vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 8,
+        "num_key_value_heads": 4, "num_global_key_value_heads": 2, "head_dim": 8, "global_head_dim": 16,
+        "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8, "num_experts": 8, "top_k_experts": 2,
+        "moe_intermediate_size": 48, "max_position_embeddings": 256,
+    }  # fmt: skip
     return DiffusionGemmaTextConfig(**{**base, **kw})
 
 

@@ -8,8 +8,13 @@ import time
 import pytest
 
 from dgbatch import driver
-from tests.conftest import (break_one_shard, engine_reproduction, read_output, start_job_until_first_commit,
-                            write_prompts)
+from tests.conftest import (
+    break_one_shard,
+    engine_reproduction,
+    read_output,
+    start_job_until_first_commit,
+    write_prompts,
+)
 from tests.test_pipeline import FAST, assert_exactly_once, short_prompts
 
 TP2 = ["parallel.tp_size=2", "parallel.timeout_s=60"]

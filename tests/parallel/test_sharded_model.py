@@ -17,7 +17,7 @@ from dgbatch.config import SamplingSection
 from dgbatch.parallel import ParallelDims
 from dgbatch.parallel.local import run_local
 from tests.engine.helpers import CHECKPOINT, trained_checkpoint
-from tests.parallel.ranks import all_results, sharded_rank
+from tests.parallel.ranks import all_results, rank_loaded, sharded_rank
 
 TOL = 1e-4
 NUM_PROMPTS = 48
@@ -35,9 +35,11 @@ def whole(params):
     return {**all_results(model, NUM_PROMPTS, params), "params": sum(p.numel() for p in model.parameters())}
 
 
-@pytest.mark.parametrize("dims", [ParallelDims(tp=2), ParallelDims(ep=2)], ids=["tp2", "ep2"])
-def test_two_ranks_match_one(dims, params, whole):
-    ranks = run_local(sharded_rank, dims, NUM_PROMPTS, params)
+@pytest.mark.parametrize("dims, rank_fn", [(ParallelDims(tp=2), sharded_rank), (ParallelDims(ep=2), sharded_rank),
+                                           (ParallelDims(tp=2), rank_loaded)], ids=["tp2", "ep2", "tp2-rank-loaded"])
+def test_two_ranks_match_one(dims, rank_fn, params, whole):
+    """rank_loaded: each rank reads only its slices of the checkpoint instead of loading it whole."""
+    ranks = run_local(rank_fn, dims, NUM_PROMPTS, params)
     for r, got in enumerate(ranks):
         for key in ("transformers", "engine"):
             diff = (got[key] - whole[key]).abs().max().item()
