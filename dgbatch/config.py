@@ -236,8 +236,8 @@ class OutputSection(Section):
     drop_filtered: Flag = Field(
         False, description="Write rows that fail output.filters under PATH/filtered/ instead of PATH/data/."
     )
-    progress_every_s: float = Field(
-        5.0, gt=0, description="Seconds between progress lines (when stdout is not a terminal) and rewrites of "
+    progress_every_s: Seconds = Field(
+        5.0, description="Seconds between progress lines (when stdout is not a terminal) and rewrites of "
         "PATH/_progress.json."
     )
 
