@@ -102,8 +102,7 @@ def child_driver_memory(args: argparse.Namespace) -> None:
         t1 = time.perf_counter()
         committed = commits.verify(fs, layout, plan.fingerprint, plan.shard_rows()).shards
         todo = [s for s in plan.shards if s.shard_id not in committed]
-        progress = driver.Progress(plan.num_rows)
-        progress.done_rows = sum(s.rows for s in plan.shards if s.shard_id in committed)
+        driver.progress_of(plan, committed)
         t2 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             rc = driver.finish(fs, layout, plan, {}, t_start, len(todo))

@@ -240,6 +240,10 @@ class OutputSection(Section):
         False, description="A local output.path is on storage every node of a multi-node cluster mounts (NFS, "
         "Lustre, ...). Off, a local output on a multi-node cluster is refused: each node would write its own disk."
     )
+    progress_every_s: Seconds = Field(
+        5.0, description="Seconds between progress lines (when stdout is not a terminal) and rewrites of "
+        "PATH/_progress.json."
+    )
 
     @model_validator(mode="after")
     def _drop_needs_filters(self) -> OutputSection:

@@ -37,10 +37,12 @@ from dgbatch.io import retry
 from dgbatch.io.commit import put_exclusive, read_json, write_bytes, write_json
 from dgbatch.io.fs import StorageError, StorageUnavailable, check_access, filesystem, join, overlap
 from dgbatch.io.layout import READER_CONFIG, Layout, unowned_entries
+from dgbatch.monitor import JobMonitor
 from dgbatch.planning import ids
 from dgbatch.planning.planner import SHARD_FORMAT, ShardMeta, bucket_edges, plan_fragment, plan_fragment_with_id_digests
 from dgbatch.planning.source import InputError, InputPlan, input_changes, inspect_input, read_fragment
 from dgbatch.pool import Background, ReplicaPool
+from dgbatch.progress import JobProgress
 from dgbatch.shard import JobContext
 from dgbatch.stats import ShardStats
 from dgbatch.vision import image_tokens
@@ -76,44 +78,17 @@ class Plan:
         return {s.shard_id: s.rows for s in self.shards}
 
 
-@dataclass
-class Progress:
-    total_rows: int
-    done_rows: int = 0  # rows of committed shards
-    out_tokens: int = 0
-    start: float = field(default_factory=time.time)
-    last_print: float = 0.0
-    in_flight: dict[str, int] = field(default_factory=dict)  # shard -> rows finished, before its commit
+def progress_of(plan: Plan, committed: Collection[str]) -> JobProgress:
+    """A job's progress at the start of a run: what earlier runs committed counts as done."""
+    done = [s for s in plan.shards if s.shard_id in committed]
+    return JobProgress(plan.num_rows, len(plan.shards), rows_committed=sum(s.rows for s in done),
+                       shards_done=len(done))
 
-    def add(self, stats: dict) -> None:
-        self.done_rows += stats["rows"]
-        self.out_tokens += stats["output_tokens"]
 
-    def committed(self, shard: str, stats: dict) -> None:
-        self.in_flight.pop(shard, None)
-        self.add(stats)
-
-    def running(self, shard: str, finished: int) -> None:
-        """Rows of a shard in flight finished so far (0: the shard was lost, or it is committed)."""
-        if finished:
-            self.in_flight[shard] = finished
-        else:
-            self.in_flight.pop(shard, None)
-
-    def maybe_print(self, base_rows: int, every_s: float = 5.0) -> None:
-        if time.time() - self.last_print >= every_s:
-            self.last_print = time.time()
-            print(self.line(base_rows), flush=True)
-
-    def line(self, base_rows: int) -> str:
-        el = max(time.time() - self.start, 1e-9)
-        finished = self.done_rows + sum(self.in_flight.values())
-        rate = (finished - base_rows) / el
-        left = self.total_rows - finished
-        eta = f"{left / rate:,.0f}s" if rate > 0 else "?"
-        pct = 100 * finished / max(self.total_rows, 1)
-        return (f"rows {finished:,}/{self.total_rows:,} ({pct:.1f}%) | {rate:,.1f} rows/s | "
-                f"{self.out_tokens / el:,.0f} output tok/s | ETA {eta}")
+def prompt_padding(plan: Plan) -> float:
+    """Fraction of the plan's prompt positions that are padding, batched as the planner assumed."""
+    positions = sum(s.padded_positions for s in plan.shards)
+    return 1 - sum(s.prompt_tokens for s in plan.shards) / positions if positions else 0.0
 
 
 def job_meta(cfg: JobConfig, params, plan: Plan | None = None, fingerprint: str | None = None) -> dict:
@@ -493,44 +468,46 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaP
             plan = reused
         t_planned = time.time()
         todo, committed = left
-        progress = Progress(plan.num_rows)
-        progress.done_rows = sum(s.rows for s in plan.shards if s.shard_id in committed)
-        base_rows = progress.done_rows
         if committed:
             print(f"resuming: {len(committed)} of {len(plan.shards)} shards already committed, {len(todo)} to run")
 
         # 3. Replicas pull shards from one queue; a dead replica's shards go back on it.
         clear_failures(fs, layout)  # last run's failures are retried now; this run records its own
         if todo:
+            label = redact.scrub(layout.url(fs))  # the job on the metrics
             context = JobContext(cfg.output.path, layout.root, job_meta(cfg, job.params, plan, job.fingerprint),
                                  cfg.input.id_column, job.params, plan.longest_prompt, cfg.storage,
-                                 OutputFilter.of(cfg.output), cfg.input)
+                                 OutputFilter.of(cfg.output), cfg.input, label)
             before = (0, 0) if own else _prompt_encoding(pool.stats())  # a shared pool's earlier jobs
-
-            def committed_one(shard: str, stats: dict) -> None:
-                progress.committed(shard, stats)
-                retries.update(stats.get("storage_retries") or {})
-
+            monitor = JobMonitor(progress_of(plan, committed), fs, layout, label, pool.run_id,
+                                 cfg.output.progress_every_s)
+            monitor.metrics.padding(prompt_padding(plan))
+            state = "interrupted"
             try:
-                failed = pool.run(context, todo, on_done=committed_one, on_rows=progress.running,
-                                  every_round=lambda: progress.maybe_print(base_rows))
+                failed = pool.run(context, todo, observer=monitor)
+                state = "failed" if failed else "finished"
             except StorageUnavailable as e:  # nothing more can be committed: stop now, keep what is
+                state = "failed"
                 raise StorageUnavailable(
-                    f"{e.line()}. The job stopped early: {progress.done_rows:,} of {plan.num_rows:,} rows are "
+                    f"{e.line()}. The job stopped early: {monitor.p.rows_committed:,} of {plan.num_rows:,} rows are "
                     f"committed and kept; rerun the same command once the storage answers") from None
             except KeyboardInterrupt as e:  # SIGINT / SIGTERM: stop the replicas, say so in the summary
                 _note_stop_signals_only()
+                monitor.close(state)
                 if own:
                     pool.close()
                 signum = stop_signal() or (e.args[0] if e.args and e.args[0] in STOP_SIGNALS else signal.SIGINT)
+                retries.update(monitor.storage_retries)
                 retries["shard_attempts"] += sum(pool.scheduler.attempts.values())
                 finish(fs, layout, plan, {}, t_start, len(todo), cfg=cfg, done_before=committed, retries=retries,
                        interrupted=signal.Signals(signum).name)
                 raise
+            finally:
+                monitor.close(state)
+            retries.update(monitor.storage_retries)
             retries["shard_attempts"] += sum(pool.scheduler.attempts.values())
             after = _prompt_encoding(pool.stats())
             encoding = {"prompt_tokens": after[0] - before[0], "encoded_prompt_tokens": after[1] - before[1]}
-            print(progress.line(base_rows), flush=True)
             if fresh:  # (a shared pool started before this job: its start-up is not this job's)
                 _log_start_up(t_start, t_checked, t_planned, pool)
         if failed:

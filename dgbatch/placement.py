@@ -116,7 +116,7 @@ class SingleReplica:
                 self.timings = self.timings or value
                 out.append(Up())
             elif kind == "progress" and lost is None:
-                out += [Rows(s, n) for s, n in value.items()]
+                out += [Rows(s, rows, tokens) for s, (rows, tokens) in value.items()]
         if lost is not None:
             return out + lost
         if self.probe_at is not None and self.probe_at <= now:
@@ -140,6 +140,9 @@ class SingleReplica:
 
     def stats(self):
         return self.actor.stats.remote()
+
+    def flush_metrics(self):
+        return self.actor.flush_metrics.remote()
 
     def kill(self) -> None:
         self.ray.kill(self.actor)
@@ -250,7 +253,7 @@ class ReplicaGroup:
             elif kind == "shard":
                 out.append(Done(what, value))
             elif kind == "progress":
-                out += [Rows(s, n) for s, n in value.items()]
+                out += [Rows(s, rows, tokens) for s, (rows, tokens) in value.items()]
         if self.setups_left and now - self.started_at > self.cfg.parallel.startup_timeout_s:
             return out + self._tear_down(TimeoutError(
                 f"replica group {self.index} ({self.describe()}) was not up {self.cfg.parallel.startup_timeout_s:g} s "
@@ -276,6 +279,9 @@ class ReplicaGroup:
 
     def stats(self):
         return self.actors[0].stats.remote() if self.actors else None
+
+    def flush_metrics(self):
+        return self.actors[0].flush_metrics.remote() if self.actors and not self.setups_left else None
 
     def kill(self) -> None:
         from ray.util.placement_group import remove_placement_group

@@ -16,14 +16,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import re
 import signal
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
 
 from dgbatch.config import ConfigError, JobConfig
-from dgbatch.scheduler import Scheduler
+from dgbatch.scheduler import JobObserver, Scheduler
 
 log = logging.getLogger("dgbatch")
 
@@ -31,12 +34,13 @@ POOL_SECTIONS = ("model", "engine", "parallel", "replicas")  # what the replicas
 
 
 def init_ray(cfg: JobConfig):
-    import os
-
     import ray
 
     if ray.is_initialized():
         return ray
+    if not sys.stdout.isatty():  # a log file (`ray job logs`): no colour codes in Ray's lines or the replicas'
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        logging.getLogger("ray._private.worker").addFilter(_PlainText())
     with _keeping_stop_handlers():
         if cfg.ray.address:
             ray.init(address=cfg.ray.address, log_to_driver=True)
@@ -88,6 +92,14 @@ def start_local_ray(ray, num_cpus: int | None, log_to_driver: bool = True) -> No
         ray_constants.ENABLE_RAY_CLUSTER = before
 
 
+class _PlainText(logging.Filter):
+    """Ray's "Connected to Ray cluster. View the dashboard at ..." without its colour codes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()), ()
+        return True
+
+
 class _TokenAuthNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
@@ -131,6 +143,7 @@ class ReplicaPool:
             raise RuntimeError("this replica pool is closed")
         cfg = self.cfg
         t0 = time.time()
+        self.cluster_outlives_us = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))  # not a local Ray of ours
         self.ray = init_ray(cfg)
         self.timings = {"ray_init_s": round(time.time() - t0, 3), "ray_up_at": time.time()}
         self.run_id = uuid.uuid4().hex[:8]
@@ -151,14 +164,12 @@ class ReplicaPool:
             raise ConfigError(f"this job's {', '.join(diff)} section(s) differ from the replica pool's: a pool "
                               f"runs jobs of one model and engine ({', '.join(POOL_SECTIONS)}); use another pool")
 
-    def run(self, job, shards: list, *, on_done: Callable[[str, dict], None] | None = None,
-            on_rows: Callable[[str, int], None] | None = None, every_round: Callable[[], None] | None = None
-            ) -> dict[str, str]:
-        """Run one job's shards (`ShardMeta`s) on the pool; returns those that failed for good (id -> reason)."""
+    def run(self, job, shards: list, *, observer: JobObserver | None = None) -> dict[str, str]:
+        """Run one job's shards (`ShardMeta`s) on the pool; returns those that failed for good (id -> reason).
+        `observer` hears what happens to them (`scheduler.JobObserver`)."""
         self.start()
         depth = shards_in_flight(self.cfg.engine.batch_size, sum(s.rows for s in shards) / max(len(shards), 1))
-        return self.scheduler.run([s.shard_id for s in shards], job, self._wait, depth=depth, on_done=on_done,
-                                  on_rows=on_rows, every_round=every_round)
+        return self.scheduler.run([s.shard_id for s in shards], job, self._wait, depth=depth, observer=observer)
 
     def _wait(self, refs: list, timeout: float) -> list:
         ready, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)  # short: Ctrl-C stays prompt
@@ -180,8 +191,22 @@ class ReplicaPool:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.cluster_outlives_us:
+                self._flush_metrics()
             for h in self.handles:
                 h.kill()
+
+    def _flush_metrics(self) -> None:
+        """On a cluster that outlives this driver, the replicas record their last metrics and everyone
+        waits one export interval, so Ray exports them before the processes exit (`dgbatch.metrics`)."""
+        from dgbatch.metrics import export_interval_s
+
+        refs = [r for r in (h.flush_metrics() for h in self.handles) if r is not None]
+        if refs:  # a dead replica's call fails: it has nothing to flush
+            self.ray.wait(refs, num_returns=len(refs), timeout=10)
+        wait = export_interval_s() + 0.5
+        log.info("waiting %.1f s for Ray to export the job's last metrics", wait)
+        time.sleep(wait)
 
     def __enter__(self) -> ReplicaPool:  # noqa: PYI034 - py3.10 has no typing.Self
         return self

@@ -104,3 +104,55 @@ class ProgressRecord:
         if age > STALE_AFTER_S:
             return False, f"no update from the driver ({who}) for {age:,.0f}s: it stopped or cannot write"
         return True, f"the driver ({who}) updated {age:,.0f}s ago"
+
+
+class ProgressWriter:
+    """Rewrites `_progress.json` off the caller's thread: `offer` a record at any time (only the newest
+    waiting one is written, so a slow store never holds the driver up); `close` writes the last one
+    synchronously. A failed write is logged once and never stops the job."""
+
+    def __init__(self, fs, layout):
+        import threading
+
+        self.fs, self.layout = fs, layout
+        self._pending: ProgressRecord | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self._warned = False
+        self._thread = threading.Thread(target=self._loop, name="dgbatch-progress-file", daemon=True)
+        self._thread.start()
+
+    def offer(self, record: ProgressRecord) -> None:
+        with self._cond:
+            self._pending = record
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                record, self._pending = self._pending, None
+            self._write(record)
+
+    def _write(self, record: ProgressRecord) -> None:
+        try:
+            record.write(self.fs, self.layout)
+        except Exception as e:  # noqa: BLE001 - progress is for people watching; the job goes on
+            if not self._warned:
+                self._warned = True
+                import logging
+
+                logging.getLogger("dgbatch").warning("cannot write %s (%s: %s); the job goes on", self.layout.progress,
+                                                     type(e).__name__, str(e)[:200])
+
+    def close(self, last: ProgressRecord) -> None:
+        """Stop the writer thread, then write `last` (the final state)."""
+        with self._cond:
+            self._closed = True
+            self._pending = None
+            self._cond.notify()
+        self._thread.join(timeout=30)
+        self._write(last)

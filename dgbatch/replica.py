@@ -82,6 +82,9 @@ def _load(cfg: JobConfig, mesh=None, timings: dict | None = None):
     t0 = time.time()
     import torch  # noqa: F401 - timed here, apart from the model load
     from transformers import DiffusionGemmaForBlockDiffusion  # noqa: F401
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its carriage returns would land in the job's log
 
     from dgbatch import checkpoint
 
@@ -112,6 +115,7 @@ class Replica:
         model, tokenizer, pad_id, eos_ids, model_dir = _load(cfg, timings=self.timings)
         self.stream = _stream(cfg, Backends(cfg, model, pad_id, eos_ids), tokenizer, eos_ids,
                               model_dir=model_dir).start()
+        self.reporter = _reporter(self.stream)
         self.timings["ready_at"] = time.time()
 
     def ready(self) -> dict:
@@ -121,11 +125,25 @@ class Replica:
     def run_shard(self, shard_id: str, job: JobContext) -> dict:
         return with_retries(self.stream.run_shard(shard_id, job))
 
-    def progress(self) -> dict[str, int]:
+    def progress(self) -> dict[str, tuple[int, int]]:
         return self.stream.progress()
+
+    def flush_metrics(self) -> None:
+        """Record the metrics of what happened since the last report now (before the actor is killed)."""
+        self.reporter.report()
 
     def stats(self) -> dict:
         return {**self.stream.stats.to_dict(), **self.timings}
+
+
+def _reporter(stream):
+    """The replica's metrics reporter, labelled with its actor's name (a parallel replica's: its group's)."""
+    import ray
+
+    from dgbatch.metrics import ReplicaReporter
+
+    name = ray.get_runtime_context().get_actor_name() or f"pid-{os.getpid()}"
+    return ReplicaReporter(stream, name.removesuffix("-rank0")).start()
 
 
 def _stream(cfg: JobConfig, factory: Backends, tokenizer, eos_ids, **kwargs):
@@ -197,6 +215,7 @@ class ReplicaRank:
                               heartbeat_s=min(5.0, p.timeout_s / 4), model_dir=model_dir)
         if self.mesh.is_leader:
             self.stream.start()
+            self.reporter = _reporter(self.stream)
         self.timings["ready_at"] = time.time()
         return {"rank": self.rank, "backend": backend, "device": str(next(model.parameters()).device),
                 **self.timings}
@@ -209,8 +228,12 @@ class ReplicaRank:
         """The leader only: run and commit one shard with every rank; returns its stats."""
         return with_retries(self.stream.run_shard(shard_id, job))
 
-    def progress(self) -> dict[str, int]:
+    def progress(self) -> dict[str, tuple[int, int]]:
         return self.stream.progress()
+
+    def flush_metrics(self) -> None:
+        """The leader: record its metrics now (before the group is torn down)."""
+        self.reporter.report()
 
     def stats(self) -> dict:
         return {**self.stream.stats.to_dict(), **self.timings}

@@ -7,7 +7,8 @@ attempts per shard:
     Up                     the replica takes shards (started, or back after a restart)
     Done(shard, stats)     the shard is committed
     Retry(shard, error)    that shard's attempt failed; the replica is fine
-    Rows(shard, finished)  rows of a shard in flight finished so far (progress, nothing else)
+    Rows(shard, finished, tokens)  rows (and their output tokens) of a shard in flight finished so far
+                           (progress, nothing else)
     Restarting(error)      every shard the replica held is lost; it is coming back (an Up follows)
     Gone(error)            every shard it held is lost; it will not come back
 
@@ -15,6 +16,9 @@ A replica holds up to `depth` shards at once (two or more: while one drains, the
 engine's free slots). A lost or failed shard goes to the back of the queue until it has failed
 `max_attempts` times; then it is recorded as failed. Shards are handed out as replicas have room,
 never pre-assigned, so a faster replica runs more of them.
+
+What happens to a job's shards is told to one `JobObserver` (the driver's progress, `_progress.json`
+and metrics hang off it), so nothing here knows how it is shown.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class Retry:
 class Rows:
     shard: str
     finished: int
+    tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,29 @@ class ReplicaHandle(Protocol):
 Wait = Callable[[list, float], Iterable]  # (waitables, timeout s) -> the ready ones
 
 
+class JobObserver:
+    """What the scheduler tells about one job's shards as it runs them; every method does nothing here,
+    so an observer overrides what it needs. Called on the scheduler's thread: keep them quick."""
+
+    def done(self, shard: str, stats: dict) -> None:
+        """The shard is committed (`stats`: its commit's `ShardStats` dict)."""
+
+    def rows(self, shard: str, finished: int, tokens: int) -> None:
+        """Rows (and their output tokens) of a shard in flight finished so far; 0, 0: it was lost."""
+
+    def retried(self, shard: str, reason: str) -> None:
+        """An attempt at the shard failed (or was lost with its replica); it is queued again."""
+
+    def failed(self, shard: str, reason: str) -> None:
+        """The shard failed for good (its attempts are used up, or no replica is left)."""
+
+    def restarting(self, replica: str, reason: str, gone: bool) -> None:
+        """A replica lost what it held: it is coming back (`gone`: it is not)."""
+
+    def round(self, scheduler: Scheduler) -> None:
+        """After each round of the loop (about once a second or sooner): its queue and shards in flight."""
+
+
 class Scheduler:
     """Shards over `handles`, one job at a time (`run`); the handles' state (up, gone) outlives a job,
     so several jobs can run one after another on the same replicas."""
@@ -96,14 +124,13 @@ class Scheduler:
         self.up: set[int] = set()
         self.gone: set[int] = set()
         self.last_error = ""
-        self._job(deque(), None, 2, None, None)
+        self._job(deque(), None, 2, None)
 
-    def _job(self, queue: deque, job, depth: int, on_done, on_rows) -> None:
+    def _job(self, queue: deque, job, depth: int, observer: JobObserver | None) -> None:
         self.queue: deque[str] = queue
         self.job = job
         self.depth = depth
-        self.on_done: Callable[[str, dict], None] = on_done or (lambda shard, stats: None)
-        self.on_rows: Callable[[str, int], None] = on_rows or (lambda shard, finished: None)
+        self.observer = observer or JobObserver()
         self.held: list[set[str]] = [set() for _ in self.handles]  # shards in flight, per replica
         self.attempts: Counter[str] = Counter()
         self.failed: dict[str, str] = {}
@@ -111,6 +138,11 @@ class Scheduler:
     @property
     def busy(self) -> bool:
         return bool(self.queue) or any(self.held)
+
+    @property
+    def in_flight(self) -> int:
+        """Shards held by replicas now."""
+        return sum(len(h) for h in self.held)
 
     def start(self) -> None:
         for h in self.handles:
@@ -134,23 +166,24 @@ class Scheduler:
         elif isinstance(outcome, Done):
             if outcome.shard in self.held[i]:
                 self.held[i].discard(outcome.shard)
-                self.on_done(outcome.shard, outcome.stats)
+                self.observer.done(outcome.shard, outcome.stats)
         elif isinstance(outcome, Retry):
             if outcome.shard in self.held[i]:
                 self.held[i].discard(outcome.shard)
                 self._retry_or_fail(outcome.shard, outcome.error)
         elif isinstance(outcome, Rows):
             if outcome.shard in self.held[i]:
-                self.on_rows(outcome.shard, outcome.finished)
+                self.observer.rows(outcome.shard, outcome.finished, outcome.tokens)
         elif isinstance(outcome, (Restarting, Gone)):
             self.last_error = outcome.error
             self.up.discard(i)
             if isinstance(outcome, Gone):
                 self.gone.add(i)
                 log.error("replica %s is gone (%s)", self.handles[i].name, outcome.error)
+            self.observer.restarting(self.handles[i].name, outcome.error, isinstance(outcome, Gone))
             lost, self.held[i] = sorted(self.held[i]), set()
             for shard in lost:
-                self.on_rows(shard, 0)
+                self.observer.rows(shard, 0, 0)
                 self._retry_or_fail(shard, outcome.error)
         self._fail_if_no_replica()
 
@@ -158,6 +191,7 @@ class Scheduler:
         if len(self.gone) == len(self.handles) and self.queue:
             for shard in self.queue:
                 self.failed[shard] = f"no replica left to run it; last replica error: {self.last_error}"
+                self.observer.failed(shard, self.failed[shard])
             self.queue.clear()
 
     def _retry_or_fail(self, shard: str, reason: str) -> None:
@@ -165,9 +199,11 @@ class Scheduler:
         if self.attempts[shard] >= self.max_attempts:
             self.failed[shard] = f"failed {self.attempts[shard]} attempts; last: {reason}"
             log.error("shard %s failed for good: %s", shard, reason)
+            self.observer.failed(shard, self.failed[shard])
         else:
             log.warning("shard %s attempt %d failed (%s); requeued", shard, self.attempts[shard], reason)
             self.queue.append(shard)
+            self.observer.retried(shard, reason)
 
     def poll(self, wait: Wait, timeout: float = 1.0, clock: Callable[[], float] = time.time) -> None:
         """One round: hand out shards, wait (at most `timeout`) for something to happen, apply it."""
@@ -181,15 +217,14 @@ class Scheduler:
                     self.apply(i, outcome)
 
     def run(self, shards: Sequence[str], job: Any, wait: Wait, *, depth: int = 2,
-            on_done: Callable[[str, dict], None] | None = None, on_rows: Callable[[str, int], None] | None = None,
-            timeout: float = 1.0, clock: Callable[[], float] = time.time,
-            every_round: Callable[[], Any] | None = None) -> dict[str, str]:
+            observer: JobObserver | None = None, timeout: float = 1.0,
+            clock: Callable[[], float] = time.time) -> dict[str, str]:
         """Run one job's shards until each is done or failed for good; returns the failed ones (id ->
-        reason). A replica holds up to `depth` shards at once. The handles must have been started."""
-        self._job(deque(shards), job, depth, on_done, on_rows)
+        reason), telling `observer` what happens. A replica holds up to `depth` shards at once. The
+        handles must have been started."""
+        self._job(deque(shards), job, depth, observer)
         self._fail_if_no_replica()
         while self.busy:
             self.poll(wait, timeout, clock)
-            if every_round is not None:
-                every_round()
+            self.observer.round(self)
         return self.failed

@@ -70,6 +70,7 @@ class JobContext:
     storage: StorageSection = field(default_factory=StorageSection)
     output_filter: OutputFilter | None = None  # output.filters, when the job sets any
     input: InputSection | None = None  # input.*: where rows keep their images, and the image limits
+    label: str = ""  # the job's label on the replicas' metrics (its output URL, `dgbatch.metrics`)
 
     @property
     def key(self) -> tuple[str, str, str]:

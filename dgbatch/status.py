@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 from dgbatch.config import StorageSection
 from dgbatch.jobfiles import JobFiles, resolve
+from dgbatch.progress import fmt_duration
 
 MAX_REASONS = 8
 
@@ -105,9 +106,12 @@ def read_status(output: str, storage: StorageSection | None = None, now: float |
     alive = False
     if files.success is not None:
         st.state, st.note = "complete", f"every shard committed (_SUCCESS at {files.success.get('completed_at', '?')})"
-    elif progress is not None:
+    elif progress is not None and progress.state == "running":
         alive, why = progress.driver_alive(now)
         st.state, st.note = ("running" if alive else "stopped"), why
+    elif progress is not None:  # the driver wrote its last word: finished, failed or interrupted
+        st.state = "incomplete" if failed else "stopped"
+        st.note = progress.driver_alive(now)[1] + (f"; {len(failed)} failed shard(s)" if failed else "")
     elif manifest is None:
         st.state = "planning" if files.job else "empty"
         st.note = "a job was started here but its plan is not written yet (planning, or it stopped before)"
@@ -152,13 +156,6 @@ def _rate_from_commits(st: JobStatus, files: JobFiles, stats: dict, rows_of: dic
     st.rate_from = f"commit times of {len(times)} shards"
 
 
-def _dur(s: float | None) -> str:
-    if s is None:
-        return "?"
-    s = round(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
 def format_status(st: JobStatus) -> str:
     pct = f" ({100 * st.rows_done / st.rows_total:.1f}%)" if st.rows_total else ""
     total = "?" if st.shards_total is None else f"{st.shards_total:,}"
@@ -175,11 +172,11 @@ def format_status(st: JobStatus) -> str:
         f"speed    {speed}",
     ]
     if st.state in ("running", "unknown"):
-        lines.append(f"ETA      {_dur(st.eta_s)}")
+        lines.append(f"ETA      {fmt_duration(st.eta_s)}")
     if st.started_at:
         lines.append(f"last run {st.started_at} .. {st.ended_at or 'running'}")
     if st.last_commit_age_s is not None and st.state != "complete":
-        lines.append(f"commit   last one {_dur(st.last_commit_age_s)} ago")
+        lines.append(f"commit   last one {fmt_duration(st.last_commit_age_s)} ago")
     if st.failed_shards:
         lines.append("failed shards (rerun to retry them):")
         lines += [f"  {f.get('shard')}: {f.get('reason')}" for f in st.failed_shards[:20]]

@@ -172,11 +172,13 @@ def _prompt_counts(backend) -> tuple[int, int]:
 class _Ticket:
     """One shard's rows inside the loop: their results as they finish, and who waits for them."""
 
-    def __init__(self, shard_id: str, size: int, extra_rows: int):
+    def __init__(self, shard_id: str, size: int, extra_rows: int, label: str = ""):
         self.shard_id = shard_id
+        self.label = label  # the job's metrics label (`JobContext.label`)
         self.results: list[Result | None] = [None] * size
         self.missing = size
         self.extra_rows = extra_rows  # rows the planner already made error records: done from the start
+        self.tokens = 0  # output tokens of the rows finished so far
         self.done = threading.Event()
         self.error: BaseException | None = None
 
@@ -217,6 +219,27 @@ class StreamStats:
         return dict(self.__dict__)
 
 
+class RowMeter:
+    """Rows as they finish, per job label, until someone takes them (the replica's metrics reporter):
+    a few additions per row on the loop thread, the rest off it."""
+
+    def __init__(self):
+        self._rows: dict[str, list] = {}  # label -> [rows, output tokens, [tokens_per_forward ...]]
+
+    def add(self, label: str, tokens: int, tpf: float) -> None:
+        m = self._rows.get(label)
+        if m is None:
+            m = self._rows[label] = [0, 0, []]
+        m[0] += 1
+        m[1] += tokens
+        m[2].append(tpf)
+
+    def take(self) -> dict[str, tuple[int, int, list[float]]]:
+        """What was added since the last call: label -> (rows, output tokens, tokens_per_forward values)."""
+        out, self._rows = self._rows, {}
+        return {k: (v[0], v[1], v[2]) for k, v in out.items()}
+
+
 class ShardStream:
     """Runs shards through one streaming backend on a loop thread (`start`), committing each on its
     caller's thread (`run_shard`, from any number of threads at once). A follower rank of a parallel
@@ -240,6 +263,8 @@ class ShardStream:
         self.broken: BaseException | None = None
         self.stopping = False
         self.stats = StreamStats()
+        self.meter = RowMeter()  # guarded by cond
+        self.label = ""  # the metrics label of the job the backend was last configured for
         self._files: dict[tuple, ShardFiles] = {}
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
@@ -263,7 +288,7 @@ class ShardStream:
         shard = files.read(shard_id)
         rows = files.requests(shard)  # on this thread: a row's images are read and processed here
         requests = rows.requests
-        ticket = _Ticket(shard_id, len(requests), shard.num_rows - len(requests))
+        ticket = _Ticket(shard_id, len(requests), shard.num_rows - len(requests), job.label)
         tag = (shard_id, next(self._seq))
         with self.cond:
             if self.broken is not None:
@@ -286,10 +311,16 @@ class ShardStream:
                                     files.output_filter)
         return files.commit(shard_id, table, stats)
 
-    def progress(self) -> dict[str, int]:
-        """Rows finished so far (generated, or error records from planning) of each shard in flight."""
+    def progress(self) -> dict[str, tuple[int, int]]:
+        """(rows finished so far (generated, or error records from planning), their output tokens) of
+        each shard in flight."""
         with self.cond:
-            return {t.shard_id: t.finished_rows for t in self.tickets.values()}
+            return {t.shard_id: (t.finished_rows, t.tokens) for t in self.tickets.values()}
+
+    def take_rows(self) -> dict[str, tuple[int, int, list[float]]]:
+        """Rows generated since the last call, per job label (`RowMeter.take`)."""
+        with self.cond:
+            return self.meter.take()
 
     def stop(self) -> None:
         with self.cond:
@@ -363,6 +394,7 @@ class ShardStream:
                         break
                     tick.configure = want
                     self.configured = want
+                self.label = job.label
                 self.inbox.pop(0)
                 tick.admit.append((tag, requests))
         return tick
@@ -449,6 +481,8 @@ class ShardStream:
                 if isinstance(result, Generation):
                     self.stats.rows += 1
                     self.stats.output_tokens += len(result.token_ids)
+                    ticket.tokens += len(result.token_ids)
+                    self.meter.add(ticket.label, len(result.token_ids), result.tokens_per_forward)
             if self.stats.first_row_at is None:
                 self.stats.first_row_at = now
             self.stats.last_row_at, self.stats.cpu_at_last_row = now, time.process_time()

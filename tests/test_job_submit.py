@@ -3,19 +3,23 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
 from dgbatch.config import load_config
+from dgbatch.metrics import TPF_BOUNDARIES
 from dgbatch.toy.tasks import answer_for
-from tests.conftest import engine_reproduction, ray_head_ports, read_output
+from tests.conftest import engine_reproduction, ray_head_ports, read_output, write_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,39 +30,59 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class RayHead:
+    """A running `ray start --head`: `head(*entrypoint)` submits a job and waits for it (CompletedProcess);
+    `metrics()` is its node's Prometheus text."""
+
+    def __init__(self, ray_bin: str, env: dict, address: str, metrics_port: int):
+        self.ray_bin, self.env, self.address, self.metrics_port = ray_bin, env, address, metrics_port
+
+    def __call__(self, *entrypoint: str) -> subprocess.CompletedProcess:
+        deadline = time.time() + 120
+        while True:
+            job = subprocess.run([self.ray_bin, "job", "submit", "--address", self.address, "--working-dir", ".",
+                                  "--", *entrypoint], check=False, env=self.env, cwd=REPO, capture_output=True,
+                                 text=True, timeout=900)
+            # Under load the dashboard answers before its job agent is up (Ray says to try again).
+            if "No available agent to submit job" not in job.stderr or time.time() > deadline:
+                return job
+            time.sleep(2)
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """`ray job stop ID`, `ray list actors ...` against this head: the address goes after the two command words."""
+        return subprocess.run([self.ray_bin, *args[:2], "--address", self.address, *args[2:]], check=False,
+                              env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+    def logs(self, submitted: subprocess.CompletedProcess) -> str:
+        """The log file `ray job logs` serves of a job `head(...)` submitted: its driver's output."""
+        job_id = re.search(r"Job '(raysubmit_\w+)' submitted", submitted.stdout)[1]
+        return (Path(self.env["RAY_TMPDIR"]) / "ray" / "session_latest" / "logs" / f"job-driver-{job_id}.log").read_text()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30) as r:
+            return r.read().decode()
+
+
 @pytest.fixture(scope="module")
 def ray_head():
-    """A `ray start --head` cluster with token auth; yields submit(*entrypoint) -> CompletedProcess."""
+    """A `ray start --head` cluster with token auth and a known metrics port; metrics reach it every second."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
-    gcs, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token",
+    gcs, dash, metrics = _free_port(), _free_port(), _free_port()
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token", "RAY_metrics_report_interval_ms": "1000",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     run = lambda *a, **k: subprocess.run(list(a), check=False, env=env, cwd=REPO, capture_output=True, text=True, **k)
     try:
         run(ray_bin, "get-auth-token", "--generate", timeout=60)
         started = run(ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(gcs), "--dashboard-host",
-                      "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats", *ray_head_ports(), timeout=180)
+                      "127.0.0.1", "--dashboard-port", str(dash), "--metrics-export-port", str(metrics),
+                      "--disable-usage-stats", *ray_head_ports(), timeout=180)
         assert started.returncode == 0, started.stdout + started.stderr
         address = f"http://127.0.0.1:{dash}"
         deadline = time.time() + 60
         while time.time() < deadline and run(ray_bin, "job", "list", "--address", address, timeout=60).returncode:
             time.sleep(1)
-
-        def submit(*entrypoint: str) -> subprocess.CompletedProcess:
-            deadline = time.time() + 120
-            while True:
-                job = run(ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--", *entrypoint,
-                          timeout=900)
-                # Under load the dashboard answers before its job agent is up (Ray says to try again).
-                if "No available agent to submit job" not in job.stderr or time.time() > deadline:
-                    return job
-                time.sleep(2)
-
-        # `ray job stop ID`, `ray list actors ...`: the address goes after the two command words
-        submit.cli = lambda *args, timeout=300: run(ray_bin, *args[:2], "--address", address, *args[2:],
-                                                    timeout=timeout)
-        yield submit
+        yield RayHead(ray_bin, env, address, metrics)
     finally:
         subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
 
@@ -128,3 +152,116 @@ def test_ray_job_stop_ends_the_job_cleanly_and_a_resubmit_resumes(ray_head, tmp_
     assert f"resuming: {committed} of {total} shards already committed" in job.stdout
     rows = read_output(out).to_pylist()
     assert len(rows) == 96 and len({r["id"] for r in rows}) == 96
+# ---- watching a submitted job: its log, its _progress.json, its metrics ------------------------------
+
+WATCHED_ROWS = 96
+
+
+def metric_samples(text: str, name: str, job: str) -> list:
+    """The samples of `name` (as exported) whose job label is `job`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [s for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == name and s.labels.get("job") == job]
+
+
+def metric_sum(text: str, name: str, job: str) -> float:
+    return sum(s.value for s in metric_samples(text, name, job))
+
+
+@pytest.fixture(scope="module")
+def watched_job(ray_head, tmp_path_factory):
+    """One submitted job of one large shard, watched as it runs: what its _progress.json said, what
+    `dgbatch status` and the metrics endpoint said meanwhile, and what they say once it is done."""
+    from dgbatch.status import read_status
+    from dgbatch.toy.tasks import sample_examples
+
+    tmp = tmp_path_factory.mktemp("watched")
+    out = tmp / "out"
+    data = write_prompts(tmp / "in.parquet", [e.prompt for e in sample_examples(WATCHED_ROWS, 5)])
+    result: dict = {}
+    entry = ("python", "-m", "jobs.generate", "configs/demo.yaml", f"input.path={data}", f"output.path={out}",
+             f"plan.shard_rows={WATCHED_ROWS}", "plan.bucket_edges=[]", "engine.batch_size=2",
+             "output.progress_every_s=0.5")
+    t = threading.Thread(target=lambda: result.setdefault("job", ray_head(*entry)))
+    t.start()
+    snapshots, statuses, scrapes = [], [], []
+    while t.is_alive():
+        try:
+            snapshots.append(json.loads((out / "_progress.json").read_text()))  # a torn write fails here
+        except FileNotFoundError:
+            pass
+        if snapshots and snapshots[-1]["state"] == "running" and 0 < snapshots[-1]["rows"]["done"] < WATCHED_ROWS:
+            statuses.append(read_status(str(out)))
+            scrapes.append(ray_head.metrics())
+        time.sleep(0.2)
+    t.join()
+    job = result["job"]
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+    summary = json.loads((out / "_summary.json").read_text())
+    deadline = time.time() + 60  # the driver waited one export interval; the agent may lag behind it
+    while True:
+        final = ray_head.metrics()
+        if metric_sum(final, "ray_dgbatch_rows_total", str(out)) >= summary["rows"] or time.time() > deadline:
+            break
+        time.sleep(1)
+    return {"job": job, "log": ray_head.logs(job), "out": out, "snapshots": snapshots, "statuses": statuses,
+            "scrapes": scrapes, "final": final, "summary": summary}
+
+
+@pytest.mark.slow
+def test_a_submitted_jobs_log_has_plain_progress_lines_that_advance_inside_its_one_shard(watched_job):
+    log = watched_job["log"]  # what `ray job logs (--follow)` shows
+    assert "summary: " in log
+    assert "\x1b" not in log and "\r" not in log, "a terminal's bar or colours in a log file"
+    lines = [line for line in log.splitlines() if line.startswith("rows ")]
+    counts = [(int(m[1].replace(",", "")), int(m[2])) for m in
+              (re.match(rf"rows ([\d,]+)/{WATCHED_ROWS} .*\| shards (\d+)/1 done", line) for line in lines) if m]
+    assert len(counts) == len(lines) >= 3, lines
+    assert any(0 < rows < WATCHED_ROWS and shards == 0 for rows, shards in counts), lines  # before the commit
+    assert [r for r, _ in counts] == sorted(r for r, _ in counts) and counts[-1] == (WATCHED_ROWS, 1)
+
+
+@pytest.mark.slow
+def test_progress_json_is_rewritten_while_the_job_runs_and_status_reads_it(watched_job):
+    from dgbatch.progress_file import ProgressRecord
+
+    snaps = watched_job["snapshots"]
+    running = [s for s in snaps if s["state"] == "running"]
+    assert any(0 < s["rows"]["done"] < WATCHED_ROWS and s["shards"] == {"done": 0, "in_flight": 1, "failed": 0,
+                                                                        "total": 1} for s in running)
+    for s in snaps:  # each one a whole snapshot in the documented schema
+        assert s["schema"] == 1 and ProgressRecord.from_dict(s).to_dict() == s
+    assert len({s["updated_at_unix"] for s in running}) >= 3  # rewritten, not written once
+    last = json.loads((watched_job["out"] / "_progress.json").read_text())
+    assert last["state"] == "finished" and last["rows"] == {"done": WATCHED_ROWS, "total": WATCHED_ROWS}
+    assert last["output_tokens"] == watched_job["summary"]["output_tokens"]
+    st = watched_job["statuses"][0]  # `dgbatch status` while it ran
+    assert st.state == "running" and "updated" in st.note and 0 < st.rows_done < WATCHED_ROWS
+    assert st.shards_in_flight == 1 and st.rate_from == "_progress.json"
+
+
+@pytest.mark.slow
+def test_metrics_reach_rays_metrics_export_and_agree_with_the_summary(watched_job):
+    job, final, summary = str(watched_job["out"]), watched_job["final"], watched_job["summary"]
+    generated = summary["rows"] - summary["failed_rows"]
+    assert metric_sum(final, "ray_dgbatch_rows_total", job) == summary["rows"] == WATCHED_ROWS
+    assert metric_sum(final, "ray_dgbatch_output_tokens_total", job) == summary["output_tokens"] > 0
+    assert metric_sum(final, "ray_dgbatch_shards_done_total", job) == summary["shards"] == 1
+    assert metric_sum(final, "ray_dgbatch_shards_failed_total", job) == 0
+    assert metric_sum(final, "ray_dgbatch_replica_rows_total", job) == generated
+    assert metric_sum(final, "ray_dgbatch_replica_output_tokens_total", job) == summary["output_tokens"]
+    assert metric_sum(final, "ray_dgbatch_tokens_per_forward_count", job) == generated
+    tpf = [r["tokens_per_forward"] for r in read_output(watched_job["out"]).to_pylist() if r["error"] is None]
+    buckets = {float(s.labels["le"]): s.value for s in metric_samples(final, "ray_dgbatch_tokens_per_forward_bucket",
+                                                                        job)}
+    assert buckets == {le: sum(v <= le for v in tpf) for le in [*TPF_BOUNDARIES, float("inf")]}  # each row's TPF
+    assert metric_sum(final, "ray_dgbatch_denoising_steps_per_canvas_count", job) >= generated
+    replicas = {s.labels["replica"] for s in metric_samples(final, "ray_dgbatch_replica_rows_total", job)}
+    assert len(replicas) == 1 and replicas.pop().startswith("replica-0-")
+    # while it ran: the gauges
+    mid = [m for m in watched_job["scrapes"] if metric_samples(m, "ray_dgbatch_slot_utilization", job)]
+    assert mid, "no replica gauge was ever exported while the job ran"
+    assert metric_sum(mid[-1], "ray_dgbatch_rows_planned", job) == WATCHED_ROWS
+    assert 0 < metric_sum(mid[-1], "ray_dgbatch_slot_utilization", job) <= 1
+    assert 0 < metric_sum(mid[-1], "ray_dgbatch_decoder_batch_size", job) <= 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from dgbatch.scheduler import Done, Gone, Restarting, Retry, Rows, Scheduler, Up
+from dgbatch.scheduler import Done, Gone, JobObserver, Restarting, Retry, Rows, Scheduler, Up
 
 
 class FakeReplica:
@@ -46,7 +46,7 @@ class FakeReplica:
         for shard in list(self.running):
             self.running[shard] -= 1
             if self.running[shard] > 0:
-                out.append(Rows(shard, self.polls - self.running[shard]))
+                out.append(Rows(shard, self.polls - self.running[shard], 10 * (self.polls - self.running[shard])))
                 continue
             del self.running[shard]
             what = self.script[shard].pop(0) if self.script.get(shard) else "ok"
@@ -68,21 +68,45 @@ class FakeReplica:
         self.dead = True
 
 
-def run(handles, shards, *, depth=2, max_attempts=3, job="job-1", scheduler=None):
-    done: Counter[str] = Counter()
-    by: dict[str, str] = {}
-    rows: list[tuple[str, int]] = []
+class Recorder(JobObserver):
+    """Everything the scheduler tells its observer."""
 
-    def on_done(shard, stats):
-        done[shard] += 1
-        by[shard] = stats["by"]
+    def __init__(self):
+        self.done_count: Counter[str] = Counter()
+        self.by: dict[str, str] = {}
+        self.rows_seen: list[tuple[str, int]] = []
+        self.tokens_seen: list[tuple[str, int]] = []
+        self.events: list[tuple] = []
+        self.in_flight: list[int] = []
 
+    def done(self, shard, stats):
+        self.done_count[shard] += 1
+        self.by[shard] = stats["by"]
+
+    def rows(self, shard, finished, tokens):
+        self.rows_seen.append((shard, finished))
+        self.tokens_seen.append((shard, tokens))
+
+    def retried(self, shard, reason):
+        self.events.append(("retried", shard))
+
+    def failed(self, shard, reason):
+        self.events.append(("failed", shard))
+
+    def restarting(self, replica, reason, gone):
+        self.events.append(("gone" if gone else "restarting", replica))
+
+    def round(self, scheduler):
+        self.in_flight.append(scheduler.in_flight)
+
+
+def run(handles, shards, *, depth=2, max_attempts=3, job="job-1", scheduler=None, recorder=None):
+    rec = recorder or Recorder()
     s = scheduler or Scheduler(handles, max_attempts=max_attempts)
     if scheduler is None:
         s.start()
-    failed = s.run(shards, job, lambda waitables, timeout: waitables, depth=depth, on_done=on_done,
-                   on_rows=lambda shard, n: rows.append((shard, n)), clock=lambda: 0.0)
-    return failed, done, by, rows, s
+    failed = s.run(shards, job, lambda waitables, timeout: waitables, depth=depth, observer=rec, clock=lambda: 0.0)
+    return failed, rec.done_count, rec.by, rec.rows_seen, s
 
 
 def shards(n: int) -> list[str]:
@@ -139,8 +163,23 @@ def test_with_every_replica_gone_the_rest_of_the_queue_fails_with_the_last_error
 
 def test_rows_of_shards_in_flight_are_reported_as_they_finish():
     r = FakeReplica("r", polls=3)
-    _, _, _, rows, _ = run([r], shards(2), depth=2)
-    assert ("s00", 1) in rows and ("s00", 2) in rows and ("s01", 2) in rows
+    rec = Recorder()
+    run([r], shards(2), depth=2, recorder=rec)
+    assert ("s00", 1) in rec.rows_seen and ("s00", 2) in rec.rows_seen and ("s01", 2) in rec.rows_seen
+    assert ("s00", 20) in rec.tokens_seen  # with their output tokens
+
+
+def test_the_observer_hears_of_every_retry_failure_restart_and_round():
+    r = FakeReplica("r", polls=2, script={"s00": ["restart", "ok"], "s01": ["retry", "retry", "retry"]})
+    rec = Recorder()
+    failed, _, _, _, _ = run([r], shards(3), depth=2, max_attempts=3, recorder=rec)
+    assert set(failed) == {"s01"}
+    assert rec.events.count(("restarting", "r")) == 1
+    assert ("failed", "s01") in rec.events and rec.events.count(("failed", "s01")) == 1
+    # lost with the restart (s00, s01), then s01's two failed attempts that were requeued
+    assert sorted(e for e in rec.events if e[0] == "retried") == [("retried", "s00"), ("retried", "s01"),
+                                                                   ("retried", "s01")]
+    assert max(rec.in_flight) == 2 and rec.in_flight[-1] == 0
 
 
 def test_a_second_job_runs_on_the_same_replicas_without_starting_them_again():

@@ -107,7 +107,7 @@ def test_status_takes_the_output_or_the_job_config(demo_output, tmp_path, capsys
 
 def test_without_progress_or_summary_speed_and_eta_come_from_commit_times(demo_output, tmp_path):
     out = copy_output(demo_output, tmp_path / "out")  # as a driver that writes no _progress.json, mid-run
-    for name in ("_SUCCESS", "_summary.json"):
+    for name in ("_SUCCESS", "_summary.json", "_progress.json"):
         (out / name).unlink()
     shards = sorted((out / "data").iterdir(), key=lambda p: p.stat().st_mtime)
     shards[-1].unlink()

@@ -204,6 +204,11 @@ def test_progress_counts_rows_of_shards_in_flight(tmp_path, toy):
                          toy["eos"]).start()
     stream.run_shard(shards[0], job)
     stream.stop()
-    counts = [p[shards[0]] for p in seen if shards[0] in p]
+    counts = [p[shards[0]][0] for p in seen if shards[0] in p]
+    tokens = [p[shards[0]][1] for p in seen if shards[0] in p]
     assert counts == sorted(counts) and 0 < counts[len(counts) // 2] < 12 and counts[-1] >= 11
+    assert tokens == sorted(tokens) and 0 < tokens[len(tokens) // 2] < tokens[-1]
     assert stream.progress() == {}
+    generated = stream.take_rows()  # what the replica's metrics get, by job label
+    assert list(generated) == [""] and generated[""][0] == 12 and len(generated[""][2]) == 12
+    assert generated[""][1] == stream.stats.output_tokens and stream.take_rows() == {}

@@ -63,6 +63,7 @@ class EngineStats:
     encoded_prompt_tokens: int = 0  # prompt tokens the encoder computed (fewer where rows share a prefix)
     shared_prefix_rows: int = 0  # rows that started from a shared prefix's K/V (`prefix.py`)
     batch_sizes: dict[int, int] = field(default_factory=dict)  # decoder batch size -> calls
+    canvas_steps: dict[int, int] = field(default_factory=dict)  # denoising steps a canvas took -> canvases
 
     @property
     def slot_utilization(self) -> float:
@@ -90,6 +91,7 @@ class _Row:
     pending: list[int] | None  # tokens waiting for the encoder: the prompt, then each finished canvas
     canvases: list[list[int]] = field(default_factory=list)
     forwards: int = 0  # decoder forwards this row took part in
+    canvas_start: int = 0  # its forwards when the current canvas began (one forward per denoising step)
     length: int = 0  # committed tokens (mirrors the cache length)
     max_new_tokens: int = 0  # the row's own budget (at most the job's)
     max_canvases: int = 0  # canvases that budget allows
@@ -321,6 +323,9 @@ class Engine:
             row = self.rows[s]
             canvas = host[s][1:]
             row.canvases.append(canvas)
+            steps = row.forwards - row.canvas_start
+            self.stats.canvas_steps[steps] = self.stats.canvas_steps.get(steps, 0) + 1
+            row.canvas_start = row.forwards
             if has_eos(canvas, self.eos_ids) or len(row.canvases) == row.max_canvases:
                 gen = finish(row.request.row_id, row.canvases, row.forwards, self.params, self.pad_id, self.eos_ids,
                              row.max_new_tokens)

@@ -75,3 +75,14 @@ def test_reset_returns_the_unfinished_rows_and_running_them_again_gives_their_ou
     again = engine.generate([r for _, _, r in dropped])
     outputs = {**{reqs[i].row_id: g for i, g in done.items()}, **{g.row_id: g for g in again}}
     assert outputs == _alone(model, reqs)
+
+
+def test_the_steps_each_canvas_took_add_up_to_each_rows_decoder_forwards():
+    model = random_model(vocab=VOCAB, layers=3, sliding_window=12)
+    reqs = random_requests(20, VOCAB, "s")
+    engine = EngineBackend(model, PARAMS, 8, 0, [1])
+    gens = engine.generate(reqs)
+    hist = engine.stats.canvas_steps
+    assert sum(k * n for k, n in hist.items()) == sum(g.num_decoder_forwards for g in gens)
+    assert sum(hist.values()) >= len(reqs) and min(hist) >= 1 and max(hist) <= PARAMS.max_denoising_steps
+    assert len(hist) > 1, "every canvas took the same number of steps: the histogram tells nothing"
