@@ -242,9 +242,9 @@ def load_model(path: Path, model: ModelSection, mesh=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, model.dtype)
     if mesh is not None:
-        from dgbatch.parallel.load import load_sharded
+        from dgbatch.parallel.load import load_parallelized
 
-        return load_sharded(path, dtype, device, mesh)
+        return load_parallelized(path, dtype, device, mesh)
     from transformers import DiffusionGemmaForBlockDiffusion
 
     m = DiffusionGemmaForBlockDiffusion.from_pretrained(

@@ -509,7 +509,7 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaP
     record_failures(fs, layout, failed)
 
     # 4. Summary over all committed shards, this run's and earlier ones'.
-    return finish(fs, layout, plan, failed, t_start, len(todo), cfg=cfg, done_before=committed,
+    return summarize(fs, layout, plan, failed, t_start, len(todo), cfg=cfg, done_before=committed,
                   prompt_encoding=encoding)
 
 
@@ -577,7 +577,7 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: float, ran: int, *,
+def summarize(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: float, ran: int, *,
            cfg: JobConfig | None = None, done_before: Collection[str] = (), prompt_encoding: dict | None = None) -> int:
     """Summarise every committed shard (checked, not trusted); `_SUCCESS` only when all of them check out.
     `done_before`: the shards committed before this run, left out of this run's throughput.

@@ -3,8 +3,8 @@
 Nothing here knows about Ray. `ShardFiles` is a job's side of it (its output root, metadata, id
 column, output filters; built from the `JobContext` that travels with every shard a replica is
 given); a replica's stream (`dgbatch.stream`) reads shards, feeds their rows to its engine and
-commits each shard as soon as its last row is done. `ShardRunner` runs one shard start to end
-through a batch `Backend` (tests, simple callers).
+commits each shard as soon as its last row is done. `BackendShards` runs shards one at a time, start to
+end, through a batch `Backend` (tests, simple callers).
 """
 
 from __future__ import annotations
@@ -285,8 +285,8 @@ class ShardFiles:
         return stats.to_dict()
 
 
-class ShardRunner:
-    """One shard start to end through a batch `Backend`. isolate_rows: a failed batch is retried row by
+class BackendShards:
+    """A job's shards, each start to end, through a batch `Backend`. isolate_rows: a failed batch is retried row by
     row (one bad row fails only itself)."""
 
     def __init__(self, backend: Backend, tokenizer, fs, layout: Layout, eos_ids: list[int], job_meta: dict,

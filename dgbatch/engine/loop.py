@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 
 from dgbatch.engine import rng
-from dgbatch.engine.outputs import finish, has_eos, num_canvases
+from dgbatch.engine.outputs import has_eos, num_canvases, to_generation
 from dgbatch.engine.packing import EncoderBatch, pack
 from dgbatch.engine.prefix import PrefixCache
 from dgbatch.engine.runner import ModelRunner
@@ -322,8 +322,8 @@ class Engine:
             canvas = host[s][1:]
             row.canvases.append(canvas)
             if has_eos(canvas, self.eos_ids) or len(row.canvases) == row.max_canvases:
-                gen = finish(row.request.row_id, row.canvases, row.forwards, self.params, self.pad_id, self.eos_ids,
-                             row.max_new_tokens)
+                gen = to_generation(row.request.row_id, row.canvases, row.forwards, self.params, self.pad_id,
+                                    self.eos_ids, row.max_new_tokens)
                 out.append(Finished(row.tag, row.index, gen))
                 self.rows[s] = None
             else:

@@ -20,7 +20,7 @@ def has_eos(canvas: list[int], eos_ids: set[int]) -> bool:
     return any(t in eos_ids for t in canvas)
 
 
-def finish(
+def to_generation(
     row_id: str, canvases: list[list[int]], forwards: int, params: SamplingParams, pad_id: int, eos_ids: set[int],
     max_new_tokens: int | None = None,
 ) -> Generation:
