@@ -144,10 +144,8 @@ def check_job(cfg: JobConfig, extra_columns: Mapping[str, str] = {}) -> CheckedJ
             check_access(url, cfg.storage, what)
     inp = inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows, extra_columns)
     check_disjoint(cfg, inp)
-    model_dir = checkpoint.local_checkpoint(cfg.model, cfg.storage)
+    model_dir, params, max_prompt = checkpoint.resolve(cfg)
     tokenizer = checkpoint.check_tokenizer(model_dir, cfg.model.path)
-    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
-    max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
     checkpoint.check_parallel(cfg, model_dir)
     identity = job_identity(cfg, model_dir, params, max_prompt)
     record = check_fingerprint(fs, layout, cfg, identity)  # before any write: the root may not be ours
@@ -168,10 +166,7 @@ def job_identity(cfg: JobConfig, model_dir: Path, params, max_prompt: int) -> di
 def resolved_fingerprint(cfg: JobConfig) -> str:
     """The fingerprint a run of `cfg` records in `_job.json` (over resolved values), without Ray or a model:
     what `dgbatch plan`, a backfill's skip check and an eval compare an existing output against."""
-    model_dir = checkpoint.local_checkpoint(cfg.model, cfg.storage)
-    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
-    max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
-    return fingerprint_of(job_identity(cfg, model_dir, params, max_prompt))
+    return fingerprint_of(job_identity(cfg, *checkpoint.resolve(cfg)))
 
 
 def check_disjoint(cfg: JobConfig, inp: InputPlan) -> None:

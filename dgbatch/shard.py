@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dgbatch.columns import FILTER_SCHEMA, OUTPUT_SCHEMA
 from dgbatch.config import InputSection, StorageSection
 from dgbatch.filters import OutputFilter, duplicate_outputs
 from dgbatch.generation import Backend, Generation, Request, SamplingParams
@@ -40,16 +41,6 @@ from dgbatch.stats import ShardStats
 
 log = logging.getLogger(__name__)
 
-OUTPUT_SCHEMA = [
-    ("output_text", pa.string()),
-    ("num_prompt_tokens", pa.int32()),
-    ("num_output_tokens", pa.int32()),
-    ("tokens_per_forward", pa.float64()),
-    ("num_decoder_forwards", pa.int32()),
-    ("finish_reason", pa.string()),
-    ("error", pa.string()),
-]
-FILTER_SCHEMA = [("filtered", pa.bool_()), ("filter_reason", pa.string())]  # with output.filters
 STATS_COLUMNS = ("finish_reason", "num_output_tokens", "num_prompt_tokens", "tokens_per_forward", "filter_reason",
                  "id", "sample_index", "output_text")
 

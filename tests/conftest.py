@@ -243,9 +243,8 @@ def engine_reproduction(cfg, out_root: Path) -> dict[str, str]:
     from dgbatch.planning.images import ImageError, RowImages
     from dgbatch.planning.planner import ID, PLAN_ERROR, PROMPT_IDS, read_shard
 
-    model_dir = checkpoint.local_checkpoint(cfg.model)
+    model_dir, params, _ = checkpoint.resolve(cfg)
     tok = checkpoint.load_tokenizer(model_dir)
-    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
     pad, eos = checkpoint.special_ids(model_dir, tok)
     backend = EngineBackend(checkpoint.load_model(model_dir, cfg.model), params, cfg.engine.batch_size, pad, eos)
     images = RowImages(cfg.input, cfg.storage, model_dir)

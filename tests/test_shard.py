@@ -38,8 +38,7 @@ def planned(tmp_path, toy_model_dir):
     path = write_prompts(tmp_path / "in.parquet", prompts)
     cfg = load_config(None, ["sampling.max_new_tokens=32", "plan.bucket_edges=[]"], base={
         "model": {"path": str(toy_model_dir)}, "input": {"path": str(path)}, "output": {"path": str(tmp_path / "o")}})
-    model_dir = checkpoint.local_checkpoint(cfg.model)
-    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
+    model_dir, params, _ = checkpoint.resolve(cfg)
     fs, root = filesystem(cfg.output.path)
     frag = inspect_input(cfg.input, None, 1000).fragments[0]
     [meta] = plan_fragment(cfg, frag, [], str(model_dir), 100, root)
