@@ -14,7 +14,7 @@ import pytest
 
 from dgbatch.config import load_config
 from dgbatch.toy.tasks import answer_for
-from tests.conftest import engine_reproduction, ray_head_ports, read_output
+from tests.helpers import engine_reproduction, ray_head_ports, read_output
 
 REPO = Path(__file__).resolve().parent.parent
 

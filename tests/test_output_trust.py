@@ -14,7 +14,7 @@ from dgbatch import checkpoint, cli, driver, pool
 from dgbatch.config import ConfigError, load_config
 from dgbatch.io.fs import filesystem, overlap
 from dgbatch.io.layout import Layout
-from tests.conftest import read_output, write_prompts
+from tests.helpers import read_output, write_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["sampling.max_new_tokens=32"]

@@ -9,7 +9,7 @@ from dgbatch.io.fs import filesystem
 from dgbatch.io.layout import Layout
 from dgbatch.planning.buckets import auto_edges, bucket_of, padding_fraction
 from dgbatch.planning.planner import read_shard
-from tests.conftest import write_prompts
+from tests.helpers import write_prompts
 
 
 def mixed_prompts(n: int, seed: int = 0) -> list[str]:

@@ -17,7 +17,7 @@ from dgbatch.planning.planner import plan_fragment, read_shard
 from dgbatch.planning.source import inspect_input
 from dgbatch.reference import ReferenceBackend
 from dgbatch.shard import BackendShards
-from tests.conftest import write_prompts
+from tests.helpers import write_prompts
 
 
 class RowFailingBackend:

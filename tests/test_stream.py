@@ -19,7 +19,7 @@ from dgbatch.planning.source import inspect_input
 from dgbatch.shard import BackendShards, JobContext
 from dgbatch.stream import ShardStream
 from dgbatch.toy.tasks import sample_examples
-from tests.conftest import write_prompts
+from tests.helpers import write_prompts
 
 
 class Factory:
