@@ -97,16 +97,6 @@ def stats_of(table: pa.Table) -> ShardStats:
     return stats
 
 
-def stats_of_output(fs, layout: Layout, shard_id: str) -> ShardStats:
-    """Stats recomputed from a shard's committed files (when its commit marker is missing)."""
-    tables = []
-    for path in [layout.data(shard_id), *[p for p in [layout.filtered(shard_id)] if fs.exists(p)]]:
-        with fs.open(path, "rb") as fh:
-            f = pq.ParquetFile(fh)
-            tables.append(f.read(columns=[c for c in STATS_COLUMNS if c in f.schema_arrow.names]))
-    return stats_of(pa.concat_tables(tables, promote_options="permissive"))
-
-
 @dataclass
 class ShardRequests:
     """What to generate for a shard: the rows' positions and requests, and each row's error so far (the
