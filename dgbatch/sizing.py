@@ -34,8 +34,8 @@ def slot_capacity(longest_prompt: int, max_new_tokens: int, canvas: int) -> int:
 
 def batch_size(engine: EngineSection, model, params: SamplingParams, longest_prompt: int,
                max_prefill_tokens: int = 8192) -> int:
-    """`engine.batch_size`, or for 'auto' the largest power of two (<= AUTO_MAX_BATCH_SIZE) whose estimated peak fits in
-    85% of the free memory of the model's device, slots sized for `longest_prompt`."""
+    """`engine.batch_size`, or for 'auto' the largest power of two (<= AUTO_MAX_BATCH_SIZE) whose estimated
+    peak fits in 85% of the free memory of the model's device, slots sized for `longest_prompt`."""
     if engine.batch_size != "auto":
         return engine.batch_size
     from dgbatch.engine.memory import default_batch_size
