@@ -103,9 +103,8 @@ def max_prompt_of(cfg) -> tuple[Path, int]:
     """(local model dir, longest accepted prompt) exactly as `driver.run` resolves them."""
     from dgbatch import checkpoint
 
-    model_dir = checkpoint.local_checkpoint(cfg.model, cfg.storage)
-    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
-    return model_dir, checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
+    model_dir, _, max_prompt = checkpoint.resolve(cfg)
+    return model_dir, max_prompt
 
 
 def _status_kib(field: str) -> int:

@@ -5,7 +5,7 @@
 The plan manifest (of a tiny real input), the `data/` files (empty) and the `_commits/` markers
 (realistic `ShardStats`, describing those files) are written first; the measured process (fresh,
 one per size) then reuses the manifest, checks the commits (`commits.verify`), computes `todo` and
-`Progress`, and runs `driver.finish`, which checks them again and merges every marker."""
+`Progress`, and runs `driver.summarize`, which checks them again and merges every marker."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def write_committed_job(root: Path, cfg, num_shards: int, shard_rows: int) -> No
 
 
 def child_driver_memory(args: argparse.Namespace) -> None:
-    """In a fresh process: the resume path of driver.run from make_plan (reused) to finish."""
+    """In a fresh process: the resume path of driver.run from make_plan (reused) to summarize."""
     from dgbatch import commits, driver
     from dgbatch.io.fs import filesystem
     from dgbatch.io.layout import Layout
@@ -105,7 +105,7 @@ def child_driver_memory(args: argparse.Namespace) -> None:
         driver.progress_of(plan, committed)
         t2 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
-            rc = driver.finish(fs, layout, plan, {}, t_start, len(todo))
+            rc = driver.summarize(fs, layout, plan, {}, t_start, len(todo))
         t3 = time.perf_counter()
     summary = json.loads(Path(layout.summary).read_text())
     Path(args.result).write_text(json.dumps({

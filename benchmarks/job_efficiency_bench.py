@@ -85,10 +85,9 @@ def child_alone(args: argparse.Namespace) -> None:
 
     cfg = job_config(Path(args.input), Path(args.output), args.overrides)
     torch.set_num_threads(1)
-    model_dir = checkpoint.local_checkpoint(cfg.model)
+    model_dir, params, _ = checkpoint.resolve(cfg)
     tok = checkpoint.load_tokenizer(model_dir)
     pad, eos = checkpoint.special_ids(model_dir, tok)
-    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
     model = checkpoint.load_model(model_dir, cfg.model)
     out = Path(args.output)
     manifest = json.loads((out / "_plan" / "manifest.json").read_text())

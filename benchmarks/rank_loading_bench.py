@@ -10,7 +10,7 @@ to them), several safetensors files behind `model.safetensors.index.json`. Each 
 process loading rank 0's shard on CPU (`Mesh.local`: the same cuts as a real rank, no process group):
 
     load-then-shard   from_pretrained (the whole model) then parallelize, what every rank did before
-    per-rank          dgbatch.parallel.load.load_sharded: meta model, cuts, only this rank's slices read
+    per-rank          dgbatch.parallel.load.load_parallelized: meta model, cuts, only this rank's slices read
 
 Reported per run: peak RSS while loading (VmHWM: it includes the checkpoint's file pages the process
 touched through safetensors' mmap, which the page cache shares between the ranks of a node), peak
@@ -131,7 +131,7 @@ def measure(ckpt: Path, method: str, tp: int, rank: int) -> dict:
     from transformers import DiffusionGemmaForBlockDiffusion
 
     from dgbatch.parallel import Mesh, ParallelDims, parallelize
-    from dgbatch.parallel.load import load_sharded
+    from dgbatch.parallel.load import load_parallelized
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     base = {"rss": AnonPeak.status("VmRSS"), "anon": AnonPeak.status("RssAnon")}  # torch, transformers imported
@@ -139,7 +139,7 @@ def measure(ckpt: Path, method: str, tp: int, rank: int) -> dict:
     t0 = time.perf_counter()
     with AnonPeak() as anon:
         if method == "per-rank":
-            model = load_sharded(ckpt, torch.bfloat16, "cpu", mesh)
+            model = load_parallelized(ckpt, torch.bfloat16, "cpu", mesh)
         else:
             model = DiffusionGemmaForBlockDiffusion.from_pretrained(str(ckpt), dtype=torch.bfloat16).eval()
             parallelize(model, mesh)

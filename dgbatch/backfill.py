@@ -331,10 +331,7 @@ def prepare(args: argparse.Namespace, now: datetime | None = None) -> Backfill:
     end = resolve_date(args.end, args.every, now, end=True)
     parts = partitions(start, end, args.every)
     # The model is the same for every partition: check (and download) it once, before any partition runs.
-    model_dir = checkpoint.local_checkpoint(cfg.model, cfg.storage)
-    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
-    checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
-    checkpoint.check_parallel(cfg, model_dir)
+    checkpoint.check_parallel(cfg, checkpoint.resolve(cfg).path)
     described = {"config": str(args.config), "start": parts[0].value, "end": parts[-1].value,
                  "timezone": args.timezone}
     return Backfill(cfg, parts, args.require_input, args.report, described)

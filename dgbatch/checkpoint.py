@@ -10,6 +10,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import ValidationError
 
@@ -20,6 +21,23 @@ log = logging.getLogger(__name__)
 
 CACHE_DIR = Path(os.environ.get("DGBATCH_CACHE", Path.home() / ".cache" / "dgbatch"))
 COMPLETE = ".complete"  # inside a cached checkpoint: it was downloaded whole
+
+
+class Resolved(NamedTuple):
+    """A job's checkpoint as the job uses it."""
+
+    path: Path  # the checkpoint as a local directory (downloaded once per node when remote), checked
+    params: SamplingParams  # sampling: the config over the checkpoint's generation_config.json over transformers'
+    max_prompt: int  # the longest prompt the job accepts, in tokens
+
+
+def resolve(cfg: JobConfig) -> Resolved:
+    """The one way a job's checkpoint is resolved (the driver's checks and fingerprint, `dgbatch plan`, a
+    backfill, the benchmarks): found or downloaded, checked, its sampling and prompt limit worked out.
+    ConfigError if any of it refuses the job."""
+    path = local_checkpoint(cfg.model, cfg.storage)
+    params = resolve_sampling(path, cfg.sampling)
+    return Resolved(path, params, max_prompt_tokens(cfg, read_model_config(path), params))
 
 
 def local_checkpoint(model: ModelSection, storage: StorageSection | None = None) -> Path:
@@ -242,9 +260,9 @@ def load_model(path: Path, model: ModelSection, mesh=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, model.dtype)
     if mesh is not None:
-        from dgbatch.parallel.load import load_sharded
+        from dgbatch.parallel.load import load_parallelized
 
-        return load_sharded(path, dtype, device, mesh)
+        return load_parallelized(path, dtype, device, mesh)
     from transformers import DiffusionGemmaForBlockDiffusion
 
     m = DiffusionGemmaForBlockDiffusion.from_pretrained(

@@ -130,10 +130,8 @@ def check_job(cfg: JobConfig, extra_columns: Mapping[str, str] = {}) -> CheckedJ
             check_access(url, cfg.storage, what)
     inp = inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows, extra_columns)
     check_disjoint(cfg, inp)
-    model_dir = checkpoint.local_checkpoint(cfg.model, cfg.storage)
+    model_dir, params, max_prompt = checkpoint.resolve(cfg)
     tokenizer = checkpoint.check_tokenizer(model_dir, cfg.model.path)
-    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
-    max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
     checkpoint.check_parallel(cfg, model_dir)
     identity = job_identity(cfg, model_dir, params, max_prompt)
     record = check_fingerprint(fs, layout, cfg, identity)  # before any write: the root may not be ours
@@ -154,10 +152,7 @@ def job_identity(cfg: JobConfig, model_dir: Path, params, max_prompt: int) -> di
 def resolved_fingerprint(cfg: JobConfig) -> str:
     """The fingerprint a run of `cfg` records in `_job.json` (over resolved values), without Ray or a model:
     what `dgbatch plan`, a backfill's skip check and an eval compare an existing output against."""
-    model_dir = checkpoint.local_checkpoint(cfg.model, cfg.storage)
-    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
-    max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
-    return fingerprint_of(job_identity(cfg, model_dir, params, max_prompt))
+    return fingerprint_of(job_identity(cfg, *checkpoint.resolve(cfg)))
 
 
 def check_disjoint(cfg: JobConfig, inp: InputPlan) -> None:
@@ -499,7 +494,7 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaP
                 signum = stop_signal() or (e.args[0] if e.args and e.args[0] in STOP_SIGNALS else signal.SIGINT)
                 retries.update(monitor.storage_retries)
                 retries["shard_attempts"] += sum(pool.scheduler.attempts.values())
-                finish(fs, layout, plan, {}, t_start, len(todo), cfg=cfg, done_before=committed, retries=retries,
+                summarize(fs, layout, plan, {}, t_start, len(todo), cfg=cfg, done_before=committed, retries=retries,
                        interrupted=signal.Signals(signum).name)
                 raise
             finally:
@@ -519,7 +514,7 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaP
     record_failures(fs, layout, failed)
 
     # 4. Summary over all committed shards, this run's and earlier ones'.
-    return finish(fs, layout, plan, failed, t_start, len(todo), cfg=cfg, done_before=committed,
+    return summarize(fs, layout, plan, failed, t_start, len(todo), cfg=cfg, done_before=committed,
                   prompt_encoding=encoding, retries=retries)
 
 
@@ -609,9 +604,9 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def finish(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: float, ran: int, *,
-           cfg: JobConfig | None = None, done_before: Collection[str] = (), prompt_encoding: dict | None = None,
-           retries: Mapping[str, int] = {}, interrupted: str | None = None) -> int:
+def summarize(fs, layout: Layout, plan: Plan, failed: dict[str, str], t_start: float, ran: int, *,
+              cfg: JobConfig | None = None, done_before: Collection[str] = (), prompt_encoding: dict | None = None,
+              retries: Mapping[str, int] = {}, interrupted: str | None = None) -> int:
     """Summarise every committed shard (checked, not trusted); `_SUCCESS` only when all of them check out.
     `done_before`: the shards committed before this run, left out of this run's throughput.
     `prompt_encoding`: this run's prompt tokens and those the engine's encoder computed

@@ -38,9 +38,7 @@ def _preview(value) -> str:
 def plan_report(cfg: JobConfig, calibrate_rows: int | None = None) -> dict:
     """Everything `dgbatch plan` prints, as a dict."""
     inp = inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows)
-    model_dir = checkpoint.local_checkpoint(cfg.model, cfg.storage)
-    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
-    max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
+    model_dir, params, max_prompt = checkpoint.resolve(cfg)
     checkpoint.check_parallel(cfg, model_dir)
     tokenizer = checkpoint.load_tokenizer(model_dir)
     t0 = time.time()

@@ -15,8 +15,6 @@ from collections.abc import Sequence
 
 from dgbatch.config import OutputSection
 
-REASONS = ("min_tokens", "max_tokens", "regex", "json")
-
 
 class OutputFilter:
     def __init__(self, output: OutputSection):

@@ -57,6 +57,23 @@ def max_new_tokens(request: Request, params: SamplingParams) -> int:
     return params.max_new_tokens if own is None else max(1, min(own, params.max_new_tokens))
 
 
+def first_eos_end(new: list[int], eos_ids: set[int]) -> int | None:
+    """Length of `new` up to and including its first EOS; None without one."""
+    return next((i + 1 for i, t in enumerate(new) if t in eos_ids), None)
+
+
+def cut_output(new: list[int], limit: int, pad_id: int, eos_ids: set[int]) -> tuple[list[int], FinishReason]:
+    """A row's generated tokens (padded after its first EOS, as `generate` returns them) -> its output and
+    finish reason: cut after the first EOS when that is within `limit` tokens, else at `limit`; pads dropped.
+    The engine and the reference backend both cut here, so their outputs are cut alike."""
+    cut = first_eos_end(new, eos_ids)
+    if cut is not None and cut <= limit:
+        toks, reason = new[:cut], "eos"
+    else:
+        toks, reason = new[:limit], "length"
+    return [t for t in toks if t != pad_id], reason
+
+
 @dataclass
 class Generation:
     row_id: str

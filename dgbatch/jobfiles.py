@@ -112,6 +112,3 @@ class JobFiles:
     def check(self) -> None:
         if self.job is None and self.manifest is None and not self.committed:
             raise NotAJobOutput(f"{self.url} holds no dgbatch job (no _job.json, no plan, no data/*.parquet)")
-
-    def data_paths(self) -> list[str]:
-        return [self.layout.data(sid) for sid in sorted(self.committed)]

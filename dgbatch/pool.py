@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from dgbatch.config import ConfigError, JobConfig
 from dgbatch.scheduler import JobObserver, Scheduler
+from dgbatch.sizing import batch_size_bound
 
 log = logging.getLogger("dgbatch")
 
@@ -110,7 +111,7 @@ def shards_in_flight(batch_size: int | str, shard_rows: float) -> int:
     behind its slots (small shards), at most MAX_SHARDS_IN_FLIGHT."""
     from dgbatch.placement import MAX_SHARDS_IN_FLIGHT
 
-    batch = batch_size if isinstance(batch_size, int) else 256  # 'auto' picks at most 256
+    batch = batch_size_bound(batch_size)
     return max(2, min(MAX_SHARDS_IN_FLIGHT, 1 + math.ceil(2 * batch / max(shard_rows, 1))))
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dgbatch.generation import Generation, Request, SamplingParams, max_new_tokens, row_seed
+from dgbatch.generation import Generation, Request, SamplingParams, cut_output, max_new_tokens, row_seed
 
 # fp32 [C, V] buffers per row that `generate` holds at once (raw and processed logits, probabilities,
 # the sampler's log-probabilities and entropy terms; an estimate), against the engine's two: what
@@ -91,16 +91,12 @@ class ReferenceBackend:
     def _row(self, req: Request, new: list[int], tpf: float, max_new: int | None = None) -> Generation:
         max_new = self.params.max_new_tokens if max_new is None else max_new
         valid = sum(t != self.pad_id for t in new)
-        cut = next((i + 1 for i, t in enumerate(new) if t in self.eos_ids), None)
-        if cut is not None and cut <= max_new:
-            toks, reason = new[:cut], "eos"
-        else:
-            toks, reason = new[:max_new], "length"
+        token_ids, reason = cut_output(new, max_new, self.pad_id, self.eos_ids)
         # transformers reports tokens/forward = valid tokens / this row's decoder forwards.
         forwards = round(valid / tpf) if tpf > 0 else 0
         return Generation(
             row_id=req.row_id,
-            token_ids=[t for t in toks if t != self.pad_id],
+            token_ids=token_ids,
             finish_reason=reason,
             num_decoder_forwards=forwards,
             tokens_per_forward=float(tpf),

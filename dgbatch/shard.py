@@ -3,8 +3,8 @@
 Nothing here knows about Ray. `ShardFiles` is a job's side of it (its output root, metadata, id
 column, output filters; built from the `JobContext` that travels with every shard a replica is
 given); a replica's stream (`dgbatch.stream`) reads shards, feeds their rows to its engine and
-commits each shard as soon as its last row is done. `ShardRunner` runs one shard start to end
-through a batch `Backend` (tests, simple callers).
+commits each shard as soon as its last row is done. `BackendShards` runs shards one at a time, start to
+end, through a batch `Backend` (tests, simple callers).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dgbatch.columns import FILTER_SCHEMA, OUTPUT_SCHEMA
 from dgbatch.config import InputSection, StorageSection
 from dgbatch.filters import OutputFilter, duplicate_outputs
 from dgbatch.generation import Backend, Generation, Request, SamplingParams
@@ -40,16 +41,6 @@ from dgbatch.stats import ShardStats
 
 log = logging.getLogger(__name__)
 
-OUTPUT_SCHEMA = [
-    ("output_text", pa.string()),
-    ("num_prompt_tokens", pa.int32()),
-    ("num_output_tokens", pa.int32()),
-    ("tokens_per_forward", pa.float64()),
-    ("num_decoder_forwards", pa.int32()),
-    ("finish_reason", pa.string()),
-    ("error", pa.string()),
-]
-FILTER_SCHEMA = [("filtered", pa.bool_()), ("filter_reason", pa.string())]  # with output.filters
 STATS_COLUMNS = ("finish_reason", "num_output_tokens", "num_prompt_tokens", "tokens_per_forward", "filter_reason",
                  "id", "sample_index", "output_text")
 
@@ -105,16 +96,6 @@ def stats_of(table: pa.Table) -> ShardStats:
     if "sample_index" in cols:
         stats.duplicate_outputs = duplicate_outputs([prompt_id(i, True) for i in cols["id"]], cols["output_text"])
     return stats
-
-
-def stats_of_output(fs, layout: Layout, shard_id: str) -> ShardStats:
-    """Stats recomputed from a shard's committed files (when its commit marker is missing)."""
-    tables = []
-    for path in [layout.data(shard_id), *[p for p in [layout.filtered(shard_id)] if fs.exists(p)]]:
-        with fs.open(path, "rb") as fh:
-            f = pq.ParquetFile(fh)
-            tables.append(f.read(columns=[c for c in STATS_COLUMNS if c in f.schema_arrow.names]))
-    return stats_of(pa.concat_tables(tables, promote_options="permissive"))
 
 
 @dataclass
@@ -286,8 +267,8 @@ class ShardFiles:
         return stats.to_dict()
 
 
-class ShardRunner:
-    """One shard start to end through a batch `Backend`. isolate_rows: a failed batch is retried row by
+class BackendShards:
+    """A job's shards, each start to end, through a batch `Backend`. isolate_rows: a failed batch is retried row by
     row (one bad row fails only itself)."""
 
     def __init__(self, backend: Backend, tokenizer, fs, layout: Layout, eos_ids: list[int], job_meta: dict,

@@ -14,7 +14,6 @@ image to fill that budget), so planning can bound a prompt's length without read
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,24 +115,3 @@ def expand_placeholders(ids: Sequence[int], soft_tokens: Sequence[int], t: Image
 def mm_token_type_ids(ids, image_id: int):
     """1 on image soft tokens, 0 elsewhere (what the processor returns; boi / eoi are text): same shape as ids."""
     return (ids == image_id).long()
-
-
-def vision_block_ids(ids, image_id: int):
-    """Per position, which image it belongs to (0, 1, ... in order along the row), -1 for text: the
-    encoder's tokens of one image attend to each other both ways (transformers'
-    `get_block_sequence_ids_for_mask`). ids [B, L] -> [B, L] long."""
-    import torch
-
-    is_image = ids == image_id
-    prev = torch.zeros_like(is_image)
-    prev[:, 1:] = is_image[:, :-1]
-    starts = is_image & ~prev
-    return torch.where(is_image, torch.cumsum(starts.long(), dim=1) - 1, torch.full_like(ids, -1))
-
-
-def fits_budget(height: int, width: int, t: ImageTokens) -> bool:
-    """Whether the processor can resize this image at all (a side that rounds to zero fails)."""
-    try:
-        return t.soft_tokens(height, width) > 0 and math.isfinite(height / width)
-    except (ValueError, ZeroDivisionError):
-        return False

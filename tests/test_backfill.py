@@ -21,7 +21,7 @@ import yaml
 from dgbatch import backfill
 from dgbatch.backfill import BackfillError, Partition, partitions, resolve_date
 from dgbatch.generation import row_seed
-from tests.conftest import read_output, write_prompts
+from tests.helpers import read_output, write_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 NOW = datetime(2026, 12, 1, 14, 37)

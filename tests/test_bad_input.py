@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dgbatch import checkpoint, cli, driver, pool
-from tests.conftest import write_jsonl, write_prompts
+from tests.helpers import write_jsonl, write_prompts
 
 
 @pytest.fixture

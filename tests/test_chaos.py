@@ -19,8 +19,8 @@ import sys
 import time
 
 from dgbatch.io.retry import KINDS
-from tests.conftest import REPO, read_output, write_prompts
 from tests.faults import FaultSpec, read_log, reported
+from tests.helpers import REPO, read_output, write_prompts
 
 SOAK = bool(os.environ.get("DGBATCH_SOAK"))
 SEED = random.SystemRandom().randrange(2**31) if SOAK else 0

@@ -13,7 +13,7 @@ import dgbatch
 from dgbatch import cli
 from dgbatch.config import ConfigError, load_config
 from dgbatch.toy.tasks import sample_examples
-from tests.conftest import DEMO_CONFIG, REPO, write_prompts
+from tests.helpers import DEMO_CONFIG, REPO, write_prompts
 
 
 def sh(*args, **kw) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dgbatch import cli
-from tests.conftest import DEMO_CONFIG, MIXED_PROMPTS, copy_output
+from tests.helpers import DEMO_CONFIG, MIXED_PROMPTS, copy_output
 
 
 def tree(root) -> dict:

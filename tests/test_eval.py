@@ -9,7 +9,7 @@ from dgbatch import checkpoint, cli, driver, pool
 from dgbatch.config import load_config
 from dgbatch.eval.metrics import pass_at_k
 from dgbatch.toy.tasks import sample_examples
-from tests.conftest import read_output, write_jsonl
+from tests.helpers import read_output, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 

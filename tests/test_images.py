@@ -18,7 +18,7 @@ from dgbatch import driver
 from dgbatch.io.fs import filesystem
 from dgbatch.planning.planner import read_shard
 from dgbatch.toy.images import draw_number, png_bytes, read_table
-from tests.conftest import engine_reproduction, read_output
+from tests.helpers import engine_reproduction, read_output
 
 IMAGES = ["input.image_column=image", "input.prompt_column=prompt", "sampling.max_new_tokens=32"]
 

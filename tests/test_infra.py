@@ -24,7 +24,7 @@ import yaml
 
 from dgbatch import backfill
 from dgbatch.config import load_config
-from tests.conftest import ray_head_ports
+from tests.helpers import ray_head_ports
 
 REPO = Path(__file__).resolve().parent.parent
 KUBERAY = REPO / "infra" / "kuberay"

@@ -19,7 +19,7 @@ import pytest
 from dgbatch.config import load_config
 from dgbatch.metrics import TPF_BOUNDARIES
 from dgbatch.toy.tasks import answer_for
-from tests.conftest import engine_reproduction, ray_head_ports, read_output, write_prompts
+from tests.helpers import engine_reproduction, ray_head_ports, read_output, write_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import REPO, read_output, write_prompts
+from tests.helpers import REPO, read_output, write_prompts
 
 
 def _cmd(toy_model_dir: Path, inp: Path, out: Path, address: str, *extra: str) -> list[str]:

@@ -15,8 +15,7 @@ import s3fs
 from dgbatch import driver
 from dgbatch.config import load_config
 from dgbatch.toy.tasks import answer_for
-from tests.conftest import read_output
-from tests.test_pipeline import FAST, assert_exactly_once, short_prompts
+from tests.helpers import FAST, assert_exactly_once, read_output, short_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 

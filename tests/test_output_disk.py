@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_prompts
+from tests.helpers import write_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ from dgbatch import checkpoint, cli, driver, pool
 from dgbatch.config import ConfigError, load_config
 from dgbatch.io.fs import filesystem, overlap
 from dgbatch.io.layout import Layout
-from tests.conftest import read_output, write_prompts
+from tests.helpers import read_output, write_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["sampling.max_new_tokens=32"]
@@ -247,7 +247,7 @@ def test_success_is_written_only_when_every_data_file_checks_out(finished, tmp_p
     (out / "data" / f"{victim}.parquet").write_bytes(b"PAR1 torn")
     plan = driver.Plan.from_dict(json.loads((out / "_plan" / "manifest.json").read_text()))
     fs, root = filesystem(str(out))
-    code = driver.finish(fs, Layout(root), plan, {}, 0.0, 0)
+    code = driver.summarize(fs, Layout(root), plan, {}, 0.0, 0)
     assert code == driver.EXIT_FAILED_SHARDS and not (out / "_SUCCESS").exists()
     summary = json.loads((out / "_summary.json").read_text())
     assert [f["shard"] for f in summary["failed_shards"]] == [victim]

@@ -11,29 +11,19 @@ import pytest
 from dgbatch import driver
 from dgbatch.config import ConfigError, load_config
 from dgbatch.toy.tasks import answer_for, sample_examples
-from tests.conftest import (
+from tests.helpers import (
+    FAST,
+    assert_exactly_once,
     break_one_shard,
     engine_reproduction,
     read_output,
+    short_prompts,
     start_job_until_first_commit,
     write_jsonl,
     write_prompts,
 )
 
 REPO = Path(__file__).resolve().parent.parent
-FAST = ["sampling.max_new_tokens=32"]  # short answers keep CPU tests quick
-
-
-def short_prompts(n: int, seed: int = 1) -> list[str]:
-    """Prompts from the task family whose answers fit in 32 tokens."""
-    return [e.prompt for e in sample_examples(4 * n, seed, tasks=("reverse", "repeat"))
-            if len(e.answer) < 30][:n]
-
-
-def assert_exactly_once(out: pa.Table, ids: list[str]) -> None:
-    got = out.column("id").to_pylist()
-    assert len(got) == len(set(got)), "an id was written twice"
-    assert sorted(got) == sorted(ids)
 
 
 @pytest.mark.slow

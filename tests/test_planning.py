@@ -9,7 +9,7 @@ from dgbatch.io.fs import filesystem
 from dgbatch.io.layout import Layout
 from dgbatch.planning.buckets import auto_edges, bucket_of, padding_fraction
 from dgbatch.planning.planner import read_shard
-from tests.conftest import write_prompts
+from tests.helpers import write_prompts
 
 
 def mixed_prompts(n: int, seed: int = 0) -> list[str]:
@@ -20,9 +20,7 @@ def mixed_prompts(n: int, seed: int = 0) -> list[str]:
 
 def plan(ray, cfg):
     fs, root = filesystem(cfg.output.path)
-    model_dir = checkpoint.local_checkpoint(cfg.model)
-    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
-    max_prompt = checkpoint.max_prompt_tokens(cfg, checkpoint.read_model_config(model_dir), params)
+    model_dir, _, max_prompt = checkpoint.resolve(cfg)
     return driver.make_plan(ray, cfg, fs, Layout(root), model_dir, max_prompt), Layout(root)
 
 

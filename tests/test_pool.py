@@ -8,7 +8,7 @@ from dgbatch import driver
 from dgbatch.config import ConfigError
 from dgbatch.pool import ReplicaPool
 from dgbatch.toy.tasks import sample_examples
-from tests.conftest import engine_reproduction, read_output, write_prompts
+from tests.helpers import engine_reproduction, read_output, write_prompts
 
 FAST = ["sampling.max_new_tokens=32"]
 

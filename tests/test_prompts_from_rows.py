@@ -8,7 +8,7 @@ from dgbatch.planning.chats import row_chats
 from dgbatch.planning.jsonl import READ_ERROR
 from dgbatch.planning.prompts import PromptEncoder
 from dgbatch.planning.source import carried_name, inspect_input, read_fragment
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 BASE = {"model": {"path": "m"}, "input": {"path": "in.parquet"}, "output": {"path": "out"}}
 

@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dgbatch import report
-from tests.conftest import REPO, copy_output
+from tests.helpers import REPO, copy_output
 
 
 def readers(out, cache_dir) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from dgbatch.toy.tasks import sample_examples
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 

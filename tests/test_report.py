@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from dgbatch import cli
-from tests.conftest import copy_output
+from tests.helpers import copy_output
 
 FIGURES = ("tokens_per_forward.png", "output_lengths.png", "finish_reasons.png", "throughput.png", "buckets.png")
 

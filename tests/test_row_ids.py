@@ -7,7 +7,7 @@ import pytest
 from dgbatch import checkpoint, cli
 from dgbatch.planning import ids
 from dgbatch.planning.source import InputError
-from tests.conftest import write_prompts
+from tests.helpers import write_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 

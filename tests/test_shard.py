@@ -16,8 +16,8 @@ from dgbatch.io.layout import Layout
 from dgbatch.planning.planner import plan_fragment, read_shard
 from dgbatch.planning.source import inspect_input
 from dgbatch.reference import ReferenceBackend
-from dgbatch.shard import ShardRunner
-from tests.conftest import write_prompts
+from dgbatch.shard import BackendShards
+from tests.helpers import write_prompts
 
 
 class RowFailingBackend:
@@ -38,8 +38,7 @@ def planned(tmp_path, toy_model_dir):
     path = write_prompts(tmp_path / "in.parquet", prompts)
     cfg = load_config(None, ["sampling.max_new_tokens=32", "plan.bucket_edges=[]"], base={
         "model": {"path": str(toy_model_dir)}, "input": {"path": str(path)}, "output": {"path": str(tmp_path / "o")}})
-    model_dir = checkpoint.local_checkpoint(cfg.model)
-    params = checkpoint.resolve_sampling(model_dir, cfg.sampling)
+    model_dir, params, _ = checkpoint.resolve(cfg)
     fs, root = filesystem(cfg.output.path)
     frag = inspect_input(cfg.input, None, 1000).fragments[0]
     [meta] = plan_fragment(cfg, frag, [], str(model_dir), 100, root)
@@ -49,13 +48,13 @@ def planned(tmp_path, toy_model_dir):
     return {"cfg": cfg, "fs": fs, "layout": Layout(root), "shard": meta["shard_id"], "tok": tok, "eos": eos, "backend": backend}
 
 
-def runner(p, backend) -> ShardRunner:
-    return ShardRunner(backend, p["tok"], p["fs"], p["layout"], p["eos"], {"test": True}, None)
+def shards(p, backend) -> BackendShards:
+    return BackendShards(backend, p["tok"], p["fs"], p["layout"], p["eos"], {"test": True}, None)
 
 
 def test_a_failing_row_becomes_an_error_record(planned):
     p = planned
-    stats = runner(p, RowFailingBackend(p["backend"], "in.parquet:1")).run(p["shard"])
+    stats = shards(p, RowFailingBackend(p["backend"], "in.parquet:1")).run(p["shard"])
     rows = {r["id"]: r for r in pq.read_table(p["layout"].data(p["shard"])).to_pylist()}
     assert len(rows) == 4 and stats["rows"] == 4 and stats["error_rows"] == 1
     bad = rows["in.parquet:1"]
@@ -69,7 +68,7 @@ def test_a_failing_row_becomes_an_error_record(planned):
 
 def test_second_writer_keeps_the_first_commit(planned):
     p = planned
-    first = runner(p, p["backend"])
+    first = shards(p, p["backend"])
     first.run(p["shard"])
     before = Path(p["layout"].data(p["shard"])).read_bytes()
     # A zombie replica that built the same shard's output: its commit must lose, leaving the file intact.
@@ -81,5 +80,5 @@ def test_second_writer_keeps_the_first_commit(planned):
     assert put_exclusive(p["fs"], p["layout"].data(p["shard"]), buf.getvalue()) is False
     assert Path(p["layout"].data(p["shard"])).read_bytes() == before
     # A retried run of a committed shard does not regenerate; its stats come from the committed file.
-    stats = runner(p, RowFailingBackend(p["backend"], "in.parquet:0")).run(p["shard"])
+    stats = shards(p, RowFailingBackend(p["backend"], "in.parquet:0")).run(p["shard"])
     assert stats["error_rows"] == 0 and Path(p["layout"].data(p["shard"])).read_bytes() == before

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 
 from dgbatch.errors import EXIT_SIGINT, EXIT_SIGTERM
-from tests.conftest import REPO, read_output, write_prompts
+from tests.helpers import REPO, read_output, write_prompts
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:

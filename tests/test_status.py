@@ -13,7 +13,7 @@ from dgbatch.io.fs import filesystem
 from dgbatch.io.layout import Layout
 from dgbatch.progress_file import STALE_AFTER_S, ProgressRecord
 from dgbatch.status import read_status
-from tests.conftest import copy_output
+from tests.helpers import copy_output
 
 
 def manifest(out) -> dict:

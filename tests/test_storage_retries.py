@@ -22,8 +22,8 @@ from dgbatch.io import retry
 from dgbatch.io.commit import put_exclusive, read_json, write_json
 from dgbatch.io.fs import StorageUnavailable, filesystem, raw_filesystem
 from dgbatch.io.retry import RetryingFileSystem, RetryPolicy, kind_of
-from tests.conftest import REPO, read_output, write_prompts
 from tests.faults import FaultSpec, FaultyFileSystem, read_log
+from tests.helpers import REPO, read_output, write_prompts
 
 FAST = RetryPolicy(retries=8, max_s=20.0)
 

@@ -16,10 +16,10 @@ from dgbatch.io.fs import filesystem
 from dgbatch.io.layout import Layout
 from dgbatch.planning.planner import plan_fragment
 from dgbatch.planning.source import inspect_input
-from dgbatch.shard import JobContext, ShardRunner
+from dgbatch.shard import BackendShards, JobContext
 from dgbatch.stream import ShardStream
 from dgbatch.toy.tasks import sample_examples
-from tests.conftest import write_prompts
+from tests.helpers import write_prompts
 
 
 class Factory:
@@ -137,7 +137,7 @@ def test_shards_share_the_engine_and_each_row_is_what_its_shard_alone_gives(tmp_
         Path(alone_layout.plan_shard()).mkdir(parents=True, exist_ok=True)
         Path(alone_layout.plan_shard(s)).write_bytes(Path(layout.plan_shard(s)).read_bytes())
         backend = EngineBackend(toy["model"], job.params, 8, toy["pad"], toy["eos"])
-        ShardRunner(backend, toy["tok"], fs, alone_layout, toy["eos"], {"test": True}, None).run(s)
+        BackendShards(backend, toy["tok"], fs, alone_layout, toy["eos"], {"test": True}, None).run(s)
     streamed, expected = outputs(layout, shards), outputs(alone_layout, shards)
     assert streamed == expected
 

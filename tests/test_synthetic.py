@@ -10,7 +10,7 @@ from dgbatch import driver
 from dgbatch.config import load_config
 from dgbatch.generation import row_seed
 from dgbatch.toy.tasks import sample_examples
-from tests.conftest import engine_reproduction, read_output, write_prompts
+from tests.helpers import engine_reproduction, read_output, write_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 
 from dgbatch.engine import rng
-from dgbatch.engine.outputs import finish, has_eos, num_canvases
+from dgbatch.engine.outputs import has_eos, num_canvases, to_generation
 from dgbatch.engine.packing import EncoderBatch, pack
 from dgbatch.engine.prefix import PrefixCache
 from dgbatch.engine.runner import ModelRunner
@@ -57,8 +57,6 @@ class EngineStats:
     computed_row_forwards: int = 0  # sum of decoder batch sizes
     useful_row_forwards: int = 0  # row-forwards of rows still denoising (what TPF counts)
     encoder_calls: int = 0  # encoder batches packed; eager, the last of a step shares the decoder's pass
-    prefill_rows: int = 0
-    commit_rows: int = 0
     prompt_tokens: int = 0  # tokens of the prompts admitted
     encoded_prompt_tokens: int = 0  # prompt tokens the encoder computed (fewer where rows share a prefix)
     shared_prefix_rows: int = 0  # rows that started from a shared prefix's K/V (`prefix.py`)
@@ -227,7 +225,6 @@ class Engine:
                                     max_canvases=num_canvases(budget, self.canvas))
                 self.cache.lengths[s] = 0
                 self.keys[s] = torch.tensor(rng.row_key(self.params.seed, req.row_id))
-                self.stats.prefill_rows += 1
                 self.stats.prompt_tokens += len(req.prompt_ids)
                 admitted.append(s)
         if admitted and self.prefixes is not None:
@@ -273,7 +270,6 @@ class Engine:
                                 max_tokens=self.max_prefill_tokens, image_id=self.runner.image_token_id,
                                 vision=[r.request.vision if r.length == 0 else None for r in rows]))
             for r in rows:
-                self.stats.commit_rows += bool(r.canvases)
                 if not r.canvases:
                     self.stats.encoded_prompt_tokens += len(r.pending)
                 r.length += len(r.pending)
@@ -327,8 +323,8 @@ class Engine:
             self.stats.canvas_steps[steps] = self.stats.canvas_steps.get(steps, 0) + 1
             row.canvas_start = row.forwards
             if has_eos(canvas, self.eos_ids) or len(row.canvases) == row.max_canvases:
-                gen = finish(row.request.row_id, row.canvases, row.forwards, self.params, self.pad_id, self.eos_ids,
-                             row.max_new_tokens)
+                gen = to_generation(row.request.row_id, row.canvases, row.forwards, self.params, self.pad_id,
+                                    self.eos_ids, row.max_new_tokens)
                 out.append(Finished(row.tag, row.index, gen))
                 self.rows[s] = None
             else:

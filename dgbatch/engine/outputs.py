@@ -2,12 +2,13 @@
 
 transformers pads everything after the first EOS of the finishing canvas, counts tokens_per_forward
 as non-pad generated tokens (all canvases, even past max_new_tokens) over the row's decoder forwards,
-and `ReferenceBackend` then cuts the output at EOS or max_new_tokens and drops pad tokens.
+and the output is then cut at EOS or max_new_tokens, pad tokens dropped (`generation.cut_output`, the
+cut `ReferenceBackend` makes too).
 """
 
 from __future__ import annotations
 
-from dgbatch.generation import Generation, SamplingParams
+from dgbatch.generation import Generation, SamplingParams, cut_output, first_eos_end
 
 
 def num_canvases(max_new_tokens: int, canvas: int) -> int:
@@ -20,24 +21,21 @@ def has_eos(canvas: list[int], eos_ids: set[int]) -> bool:
     return any(t in eos_ids for t in canvas)
 
 
-def finish(
+def to_generation(
     row_id: str, canvases: list[list[int]], forwards: int, params: SamplingParams, pad_id: int, eos_ids: set[int],
     max_new_tokens: int | None = None,
 ) -> Generation:
     """`max_new_tokens`: the row's own budget (`generation.max_new_tokens`); None: params.max_new_tokens."""
     limit = params.max_new_tokens if max_new_tokens is None else max_new_tokens
     new = [t for c in canvases for t in c]
-    cut = next((i + 1 for i, t in enumerate(new) if t in eos_ids), None)
+    cut = first_eos_end(new, eos_ids)
     if cut is not None:
         new[cut:] = [pad_id] * (len(new) - cut)  # `_finalize_canvas`: pad after the first EOS
     valid = sum(t != pad_id for t in new)
-    if cut is not None and cut <= limit:
-        toks, reason = new[:cut], "eos"
-    else:
-        toks, reason = new[:limit], "length"
+    token_ids, reason = cut_output(new, limit, pad_id, eos_ids)
     return Generation(
         row_id=row_id,
-        token_ids=[t for t in toks if t != pad_id],
+        token_ids=token_ids,
         finish_reason=reason,
         num_decoder_forwards=forwards,
         tokens_per_forward=valid / forwards if forwards else 0.0,

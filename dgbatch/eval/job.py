@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dgbatch import __version__, commits, driver, redact
+from dgbatch.columns import SCORE_SCHEMA
 from dgbatch.config import ConfigError, JobConfig, StorageSection, load_config, parse_overrides
 from dgbatch.eval import scorers
 from dgbatch.eval.metrics import Metrics, Sample
@@ -32,7 +33,6 @@ from dgbatch.planning.source import carried_name
 
 log = logging.getLogger("dgbatch")
 
-SCORE_SCHEMA = [("score", pa.float64()), ("extracted", pa.string())]
 ERROR_EXAMPLES = 5  # scoring errors quoted in _metrics.json
 
 

@@ -1,12 +1,12 @@
 """Per-rank loading: each rank of a parallel replica reads only the weights and slices it keeps.
 
-    model = load_sharded(checkpoint_dir, torch.bfloat16, "cuda", mesh)
+    model = load_parallelized(checkpoint_dir, torch.bfloat16, "cuda", mesh)
 
 Loading the whole checkpoint and then `parallelize`-ing it costs every rank the full model in host
 memory (and, on a GPU, in device memory until the slices are cut). Here:
 
     1. build the model on the meta device (no storage), as transformers' `from_pretrained` does;
-    2. `parallelize` it there: the same plan, on shapes only, returns which slice of which weight
+    2. `parallelize` it there: the same `parallelize`, on shapes only, returns which slice of which weight
        each of the rank's parameters is (`Cuts`);
     3. read each parameter from the safetensors files (`safe_open(...).get_slice`): a replicated
        weight whole, a sharded one only its slice, straight to the rank's device, one at a time;
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from dgbatch.parallel.mesh import Mesh
-from dgbatch.parallel.plan import Cut, parallelize
+from dgbatch.parallel.parallelize import Cut, parallelize
 
 INDEX = "model.safetensors.index.json"
 
@@ -89,7 +89,7 @@ def _holders(model: nn.Module, kind: str) -> Iterator[tuple[str, nn.Module, str,
                 yield (f"{prefix}.{attr}" if prefix else attr), module, attr, t
 
 
-def load_sharded(path: Path, dtype: torch.dtype, device: str | torch.device, mesh: Mesh):
+def load_parallelized(path: Path, dtype: torch.dtype, device: str | torch.device, mesh: Mesh):
     """`parallelize(from_pretrained(path), mesh)`, reading only this rank's slices. Eval mode."""
     model = meta_model(path, dtype)
     names: dict[int, list[str]] = {}

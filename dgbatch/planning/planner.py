@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
+from dgbatch.columns import SAMPLE_INDEX
 from dgbatch.config import JobConfig
 from dgbatch.io.commit import write_bytes
 from dgbatch.planning.buckets import auto_edges, bucket_of, padded_positions
@@ -225,7 +226,7 @@ def _plan_fragment(
         kept = [lengths[i] for i in take if lengths[i] is not None]
         shard = table.take(pa.array(take, pa.int64()))
         if n > 1:
-            shard = shard.append_column("sample_index", pa.array([k for _ in idx for k in range(n)], pa.int32()))
+            shard = shard.append_column(SAMPLE_INDEX, pa.array([k for _ in idx for k in range(n)], pa.int32()))
         shard = shard.append_column(ID, pa.array([sample_id(ids[i], k, n) for i in idx for k in range(n)],
                                                  pa.string()))
         shard = shard.append_column(PROMPT_IDS, pa.array([prompt_ids[i] for i in take], pa.list_(pa.int32())))

@@ -14,27 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dgbatch import template
+from dgbatch.columns import OUTPUT_COLUMNS
 from dgbatch.config import ConfigError, InputSection, StorageSection
 from dgbatch.planning import jsonl
 
-# Columns dgbatch writes (generation, output filters, eval scores). An input column of the same name,
-# e.g. from an earlier job whose output is this job's input, is carried under PREVIOUS_PREFIX.
-OUTPUT_COLUMNS = (
-    "id",
-    "row_index",
-    "sample_index",
-    "output_text",
-    "num_prompt_tokens",
-    "num_output_tokens",
-    "tokens_per_forward",
-    "num_decoder_forwards",
-    "finish_reason",
-    "error",
-    "filtered",
-    "filter_reason",
-    "score",
-    "extracted",
-)
+# An input column named as one dgbatch writes (`columns.OUTPUT_COLUMNS`), e.g. from an earlier job whose
+# output is this job's input, is carried under PREVIOUS_PREFIX.
 PREVIOUS_PREFIX = "prev_"
 PARTITION_COLUMN = "partition"  # written when input.partition is set (a backfill's date or hour)
 

@@ -9,7 +9,7 @@ import torch
 
 from dgbatch.engine.attention import project_qkv
 from dgbatch.engine.cache import SlotKVCache, layer_specs
-from dgbatch.engine.outputs import finish
+from dgbatch.engine.outputs import to_generation
 from dgbatch.engine.sampler import draft
 from dgbatch.generation import Request, SamplingParams
 from dgbatch.reference import ReferenceBackend
@@ -74,7 +74,7 @@ def test_outputs_and_tokens_per_forward_match_the_reference_definitions():
     }
     for name, canvases in cases.items():
         forwards = 13
-        ours = finish(name, canvases, forwards, params, pad, eos)
+        ours = to_generation(name, canvases, forwards, params, pad, eos)
         # what generate returns: the finishing canvas padded after its first EOS
         flat = [t for c in canvases for t in c]
         cut = next((i + 1 for i, t in enumerate(flat) if t in eos), len(flat))
@@ -85,4 +85,4 @@ def test_outputs_and_tokens_per_forward_match_the_reference_definitions():
         assert ours.finish_reason == theirs.finish_reason, name
         assert ours.num_decoder_forwards == theirs.num_decoder_forwards == forwards, name
         assert abs(ours.tokens_per_forward - theirs.tokens_per_forward) < 1e-12, name
-    assert finish("x", cases["eos past max_new_tokens"], 13, params, pad, eos).finish_reason == "length"
+    assert to_generation("x", cases["eos past max_new_tokens"], 13, params, pad, eos).finish_reason == "length"

@@ -8,7 +8,7 @@ from dgbatch.engine import EngineBackend
 from dgbatch.engine.packing import pack
 from dgbatch.engine.runner import ModelRunner
 from dgbatch.parallel import Mesh, parallelize
-from dgbatch.parallel.load import load_sharded
+from dgbatch.parallel.load import load_parallelized
 from tests.engine.helpers import TransformersOracle, random_requests, toy_requests, trained_checkpoint
 
 # Left-padded prompts of 5-58 tokens, then three committed canvases: contexts up to 106 tokens, past
@@ -77,15 +77,15 @@ def all_results(model, num_prompts: int, params) -> dict:
     }
 
 
-def sharded_rank(mesh: Mesh, num_prompts: int, params) -> dict:
+def parallelized_rank(mesh: Mesh, num_prompts: int, params) -> dict:
     model, _ = trained_checkpoint()
     parallelize(model, mesh)
     return {**all_results(model, num_prompts, params), "params": sum(p.numel() for p in model.parameters())}
 
 
 def rank_loaded(mesh: Mesh, num_prompts: int, params) -> dict:
-    """As `sharded_rank`, the rank reading only its own slices of the checkpoint (per-rank loading)."""
+    """As `parallelized_rank`, the rank reading only its own slices of the checkpoint (per-rank loading)."""
     from tests.engine.helpers import CHECKPOINT
 
-    model = load_sharded(CHECKPOINT, torch.float32, "cpu", mesh)
+    model = load_parallelized(CHECKPOINT, torch.float32, "cpu", mesh)
     return {**all_results(model, num_prompts, params), "params": sum(p.numel() for p in model.parameters())}

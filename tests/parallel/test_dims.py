@@ -136,7 +136,7 @@ def test_partial_sums_over_ranks_equal_the_whole_module(model, dims):
                     assert diff < 1e-5, f"{stack} layer {i} {name}: partial sums differ by {diff:.2e}"
 
 
-def test_shards_keep_the_encoder_decoder_ties_and_split_the_weights(model):
+def test_parallelize_keeps_the_encoder_decoder_ties_and_splits_the_weights(model):
     dims = ParallelDims(2, 2)
     m = copy.deepcopy(model)
     parallelize(m, Mesh.local(dims, 3))

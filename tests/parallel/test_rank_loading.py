@@ -13,7 +13,7 @@ import torch
 from transformers import DiffusionGemmaForBlockDiffusion
 
 from dgbatch.parallel import Mesh, ParallelDims, parallelize
-from dgbatch.parallel.load import INDEX, load_sharded
+from dgbatch.parallel.load import INDEX, load_parallelized
 from tests.engine.helpers import CHECKPOINT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def test_each_rank_reads_exactly_what_load_then_shard_keeps(dims, dtype):
     for rank in range(dims.world):
         want = copy.deepcopy(whole)
         parallelize(want, Mesh.local(dims, rank))
-        got = load_sharded(CHECKPOINT, dtype, "cpu", Mesh.local(dims, rank))
+        got = load_parallelized(CHECKPOINT, dtype, "cpu", Mesh.local(dims, rank))
         assert_same_model(got, want)
         assert not got.training
 
@@ -61,7 +61,7 @@ def test_a_checkpoint_in_several_files_of_the_real_structure(tmp_path):
     for rank in range(dims.world):
         want = copy.deepcopy(whole)
         parallelize(want, Mesh.local(dims, rank))
-        assert_same_model(load_sharded(tmp_path, torch.float32, "cpu", Mesh.local(dims, rank)), want)
+        assert_same_model(load_parallelized(tmp_path, torch.float32, "cpu", Mesh.local(dims, rank)), want)
 
 
 def test_a_checkpoint_without_a_weight_is_refused(tmp_path):
@@ -73,4 +73,4 @@ def test_a_checkpoint_without_a_weight_is_refused(tmp_path):
     del tensors["model.decoder.layers.1.self_attn.q_proj.weight"]
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"has no tensor for .*layers\.1\.self_attn\.q_proj\.weight"):
-        load_sharded(tmp_path, torch.float32, "cpu", Mesh.local(ParallelDims(2, 1), 0))
+        load_parallelized(tmp_path, torch.float32, "cpu", Mesh.local(ParallelDims(2, 1), 0))

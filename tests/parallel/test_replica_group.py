@@ -8,14 +8,16 @@ import time
 import pytest
 
 from dgbatch import driver
-from tests.conftest import (
+from tests.helpers import (
+    FAST,
+    assert_exactly_once,
     break_one_shard,
     engine_reproduction,
     read_output,
+    short_prompts,
     start_job_until_first_commit,
     write_prompts,
 )
-from tests.test_pipeline import FAST, assert_exactly_once, short_prompts
 
 TP2 = ["parallel.tp_size=2", "parallel.timeout_s=60"]
 

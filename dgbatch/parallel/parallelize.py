@@ -1,4 +1,4 @@
-"""`parallelize(model, mesh)`: shard a loaded DiffusionGemma in place for this rank.
+"""`parallelize(model, mesh)`: split a loaded DiffusionGemma in place into this rank's part.
 
 The model code is transformers' and stays unaware of distribution; this step replaces weights and
 modules, torchtitan-style, one small function per part:
@@ -16,7 +16,7 @@ Encoder and decoder layers are distinct modules sharing their weights; each weig
 and the new modules share the slice, so the tie (and the memory) survives. Slices are copies
 (`clone`), so the full weights are freed once the last module referencing them is replaced.
 
-On a model built on the meta device the same plan only computes shapes, and the `Cuts` it returns
+On a model built on the meta device the same step only computes shapes, and the `Cuts` it returns
 say which slice of which source weight each new parameter is: `dgbatch.parallel.load` then reads just
 those slices from the checkpoint (per-rank loading).
 """
@@ -120,13 +120,13 @@ def apply_ep_experts(layer: nn.Module, mesh: Mesh, slicer: _Slicer) -> None:
 
 def _text_layers(model) -> list[nn.Module]:
     """Encoder layer i, then decoder layer i (they share weights): a source weight is freed as soon as
-    both are sharded, so the peak is the full model plus one layer's slices."""
+    both are split, so the peak is the full model plus one layer's slices."""
     enc, dec = model.model.encoder.language_model.layers, model.model.decoder.layers
     return [layer for pair in zip(enc, dec) for layer in pair]
 
 
 def parallelize(model, mesh: Mesh) -> Cuts:
-    """Shard `model` (a `DiffusionGemmaForBlockDiffusion`) in place for `mesh.rank`; returns what was cut.
+    """Split `model` (a `DiffusionGemmaForBlockDiffusion`) in place into `mesh.rank`'s part; returns what was cut.
 
     Checks the degrees against the model first (`ParallelDims.check_model`). Idempotence is not
     supported: call it once, on the full model (loaded, or on the meta device)."""

@@ -17,7 +17,7 @@ from dgbatch.config import SamplingSection
 from dgbatch.parallel import ParallelDims
 from dgbatch.parallel.local import run_local
 from tests.engine.helpers import CHECKPOINT, trained_checkpoint
-from tests.parallel.ranks import all_results, rank_loaded, sharded_rank
+from tests.parallel.ranks import all_results, parallelized_rank, rank_loaded
 
 TOL = 1e-4
 NUM_PROMPTS = 48
@@ -35,7 +35,7 @@ def whole(params):
     return {**all_results(model, NUM_PROMPTS, params), "params": sum(p.numel() for p in model.parameters())}
 
 
-@pytest.mark.parametrize("dims, rank_fn", [(ParallelDims(tp=2), sharded_rank), (ParallelDims(ep=2), sharded_rank),
+@pytest.mark.parametrize("dims, rank_fn", [(ParallelDims(tp=2), parallelized_rank), (ParallelDims(ep=2), parallelized_rank),
                                            (ParallelDims(tp=2), rank_loaded)], ids=["tp2", "ep2", "tp2-rank-loaded"])
 def test_two_ranks_match_one(dims, rank_fn, params, whole):
     """rank_loaded: each rank reads only its slices of the checkpoint instead of loading it whole."""
