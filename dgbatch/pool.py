@@ -127,6 +127,7 @@ class ReplicaPool:
         self.handles: list = []
         self.timings: dict = {}
         self.closed = False
+        self.cluster_outlives_us = False  # set by start(): whether the cluster is not a local Ray of ours
         if start:
             self.start()
 
@@ -192,7 +193,7 @@ class ReplicaPool:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if self.cluster_outlives_us:
+            if self.started and self.cluster_outlives_us:
                 self._flush_metrics()
             for h in self.handles:
                 h.kill()
