@@ -13,7 +13,8 @@ default row ids (so rows of different dates get different ids and seeds) and is 
     input missing            -> missing (an error only with --require-input)
     otherwise                -> run (resuming what it had committed) -> done | failed
 
-Partitions run one after another in this process and one Ray session. Exit code: 0 when every partition
+Partitions run one after another in this process, on one replica pool: one Ray session, the model
+loaded once for the whole range (`shared_replicas`), not per partition. Exit code: 0 when every partition
 is done or skipped (or missing, without --require-input), 1 when any failed, 2 on a bad config, found
 before anything runs. Two runs of one partition at once (overlapping cron ticks) are safe: shard
 commits are exclusive creates and every other file is replaced atomically with the same content.
@@ -37,6 +38,7 @@ from dgbatch.io.fs import filesystem
 from dgbatch.io.layout import Layout
 from dgbatch.placement import brief
 from dgbatch.planning.source import InputMissing
+from dgbatch.pool import ReplicaPool
 
 EVERY = {"day": timedelta(days=1), "hour": timedelta(hours=1)}
 PLACEHOLDERS = {"day": ("date",), "hour": ("date", "hour")}
@@ -164,24 +166,25 @@ def partition_config(cfg: JobConfig, part: Partition) -> JobConfig:
 
 
 @contextmanager
-def shared_replicas(cfg: JobConfig) -> Iterator[object | None]:
-    """THE HOOK for one replica pool over the whole range (the model loaded once, not per partition).
+def shared_replicas(cfg: JobConfig) -> Iterator[ReplicaPool]:
+    """One replica pool over the whole range: Ray and the replicas started once, the model loaded once, and
+    every partition's job run on it (`driver.run(partition_cfg, pool=pool)`; a partition differs from the
+    range's config only in its input and output, never in what a replica is built from). The pool starts
+    with the first partition that has shards to run, so a range of complete or missing partitions starts
+    neither Ray nor a model; it is closed when the context exits."""
+    pool = ReplicaPool(cfg, start=False)
+    try:
+        yield pool
+    finally:
+        pool.close()
 
-    Today it yields None, and each partition's `driver.run` starts its own replicas and stops them at the
-    end (the Ray session and the downloaded checkpoint are shared; the model load is not). A pool yielded
-    here must offer `run(cfg: JobConfig) -> int` (an exit code, as `driver.run`) for jobs of this model,
-    and is closed when the context exits."""
-    yield None
 
-
-def run_job(cfg: JobConfig, pool: object | None) -> int:
+def run_job(cfg: JobConfig, pool: ReplicaPool | None) -> int:
     """One partition's job, on the shared pool when there is one."""
-    if pool is not None:
-        return pool.run(cfg)  # type: ignore[attr-defined]
-    return driver.run(cfg)
+    return driver.run(cfg, pool=pool)
 
 
-def run_partition(cfg: JobConfig, part: Partition, pool: object | None = None) -> PartitionResult:
+def run_partition(cfg: JobConfig, part: Partition, pool: ReplicaPool | None = None) -> PartitionResult:
     """Skip, record as missing, or run one partition. Never raises for the partition's own failures."""
     pcfg = partition_config(cfg, part)
     result = PartitionResult(part.value, "done", None, pcfg.input.path, pcfg.output.path)

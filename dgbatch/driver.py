@@ -437,11 +437,14 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaP
                                                 job.model_dir, job.max_prompt, job.inp, job.identity, job.tokenizer),
                               "dgbatch-plan")
     own = pool is None
+    fresh = False  # the pool's start-up is this job's: it started the pool (its own, or a shared one not yet up)
     failed: dict[str, str] = {}
     try:
         try:
             if left is None or left[0]:
-                started["pool"] = pool = pool or ReplicaPool(cfg)
+                started["pool"] = pool = pool or ReplicaPool(cfg, start=False)
+                fresh = not pool.started
+                pool.start()
         finally:
             ray_up.set()
         if planning is not None:
@@ -470,7 +473,7 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaP
                 state = "failed" if failed else "finished"
             finally:
                 monitor.close(state)
-            if own:  # (a shared pool started before this job: its start-up is not this job's)
+            if fresh:  # (a shared pool started before this job: its start-up is not this job's)
                 _log_start_up(t_start, t_checked, t_planned, pool)
         if failed:
             lost = sum(s.rows for s in todo if s.shard_id in failed)

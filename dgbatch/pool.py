@@ -99,14 +99,34 @@ def shards_in_flight(batch_size: int | str, shard_rows: float) -> int:
 
 class ReplicaPool:
     """Ray and `cfg.replicas.num_replicas` replicas of `cfg`'s model and engine, starting at once (the
-    model loads while the caller goes on, e.g. plans); `run` waits for them as it needs them."""
+    model loads while the caller goes on, e.g. plans), or with `start=False` at the first `start` or
+    `run` (a backfill whose partitions are all complete starts neither Ray nor a model); `run` waits
+    for the replicas as it needs them."""
 
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, *, start: bool = True):
+        self.cfg = cfg
+        self.ray = None
+        self.handles: list = []
+        self.timings: dict = {}
+        self.closed = False
+        self.cluster_outlives_us = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))  # not a local Ray of ours
+        if start:
+            self.start()
+
+    @property
+    def started(self) -> bool:
+        return self.ray is not None
+
+    def start(self) -> None:
+        """Start Ray (or join it) and create the replicas; nothing when already started."""
         from dgbatch.placement import make_replicas
 
-        self.cfg = cfg
+        if self.started:
+            return
+        if self.closed:
+            raise RuntimeError("this replica pool is closed")
+        cfg = self.cfg
         t0 = time.time()
-        self.cluster_outlives_us = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))  # not a local Ray of ours
         self.ray = init_ray(cfg)
         self.timings = {"ray_init_s": round(time.time() - t0, 3), "ray_up_at": time.time()}
         self.run_id = uuid.uuid4().hex[:8]
@@ -119,7 +139,6 @@ class ReplicaPool:
                   flush=True)
         self.scheduler = Scheduler(self.handles, max_attempts=cfg.replicas.max_shard_attempts)
         self.scheduler.start()
-        self.closed = False
 
     def check(self, cfg: JobConfig) -> None:
         """Refuse a job whose replicas would be different ones."""
@@ -131,6 +150,7 @@ class ReplicaPool:
     def run(self, job, shards: list, *, observer: JobObserver | None = None) -> dict[str, str]:
         """Run one job's shards (`ShardMeta`s) on the pool; returns those that failed for good (id -> reason).
         `observer` hears what happens to them (`scheduler.JobObserver`)."""
+        self.start()
         depth = shards_in_flight(self.cfg.engine.batch_size, sum(s.rows for s in shards) / max(len(shards), 1))
         return self.scheduler.run([s.shard_id for s in shards], job, self._wait, depth=depth, observer=observer)
 
@@ -154,7 +174,7 @@ class ReplicaPool:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if self.cluster_outlives_us:
+            if self.started and self.cluster_outlives_us:
                 self._flush_metrics()
             for h in self.handles:
                 h.kill()

@@ -192,6 +192,39 @@ def test_backfill_runs_only_incomplete_partitions_and_a_rerun_runs_none(ray_loca
 
 
 @pytest.mark.slow
+def test_a_backfill_loads_the_model_once_for_the_whole_range(ray_local, tmp_path, toy_model_dir, monkeypatch):
+    """Three partitions, one replica pool: the replica actors are created once, and the same replica
+    process (started and loaded once) runs every partition's shards."""
+    from dgbatch import driver, placement
+
+    cfg = _config(tmp_path, toy_model_dir)
+    days = ["2026-11-28", "2026-11-29", "2026-11-30"]
+    _write_days(tmp_path, *days)
+    created, runs = [], []
+    real_make = placement.make_replicas
+    monkeypatch.setattr(placement, "make_replicas", lambda *a, **k: created.append(real_make(*a, **k)) or created[-1])
+    real_run = driver.run
+
+    def spy_run(pcfg, *args, pool=None, **kwargs):
+        code = real_run(pcfg, *args, pool=pool, **kwargs)
+        runs.append((pool, [(s.get("process_start"), s.get("ready_at"), s.get("shards")) for s in pool.stats()]))
+        return code
+
+    monkeypatch.setattr(driver, "run", spy_run)
+    code, rep = _run(str(cfg), "--start", days[0], "--end", days[2], "--report", str(tmp_path / "report.json"))
+    assert code == 0 and [p["status"] for p in rep["partitions"]] == ["done"] * 3, rep
+    assert len(created) == 1 and len(created[0]) == 1, "replicas created once for the range, not per partition"
+    assert len(runs) == 3 and all(pool is runs[0][0] for pool, _ in runs), "one pool for every partition"
+    loads = {(start, ready) for _, stats in runs for start, ready, _ in stats}
+    assert len(loads) == 1 and None not in next(iter(loads)), loads  # one process, its model loaded once
+    shards = [stats[0][2] for _, stats in runs]
+    assert shards[0] < shards[1] < shards[2], shards  # the same replica ran every partition's shards
+    assert runs[0][0].closed  # closed when the backfill ended
+    for day in days:
+        assert len(read_output(tmp_path / "out" / f"date={day}")) == len(PROMPTS)
+
+
+@pytest.mark.slow
 def test_two_overlapping_runs_of_one_partition_leave_each_row_once(tmp_path, toy_model_dir):
     """Two cron ticks that overlap (KubeRay's RayCronJob has no overlap policy): two processes, each with
     its own Ray, run the same partition at once into the same output."""
