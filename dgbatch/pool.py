@@ -127,7 +127,7 @@ class ReplicaPool:
         self.handles: list = []
         self.timings: dict = {}
         self.closed = False
-        self.cluster_outlives_us = False  # set by start(): whether the cluster is not a local Ray of ours
+        self.cluster_outlives_us = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))  # not a local Ray of ours
         if start:
             self.start()
 
@@ -145,7 +145,6 @@ class ReplicaPool:
             raise RuntimeError("this replica pool is closed")
         cfg = self.cfg
         t0 = time.time()
-        self.cluster_outlives_us = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))  # not a local Ray of ours
         self.ray = init_ray(cfg)
         self.timings = {"ray_init_s": round(time.time() - t0, 3), "ray_up_at": time.time()}
         self.run_id = uuid.uuid4().hex[:8]
