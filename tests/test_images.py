@@ -18,7 +18,7 @@ from dgbatch import driver
 from dgbatch.io.fs import filesystem
 from dgbatch.planning.planner import read_shard
 from dgbatch.toy.images import draw_number, png_bytes, read_table
-from tests.helpers import engine_reproduction, read_output
+from tests.helpers import DEMO_CONFIG, engine_reproduction, read_output
 
 IMAGES = ["input.image_column=image", "input.prompt_column=prompt", "sampling.max_new_tokens=32"]
 
@@ -49,6 +49,19 @@ def test_image_bytes_in_parquet_end_to_end(ray_local, job_config, tmp_path):
     shard = read_shard(filesystem(str(shard_file))[0], str(shard_file))
     assert shard.schema.field("image").type == pa.binary()
     assert not [c for c in shard.column_names if "pixel" in c]
+
+
+@pytest.mark.slow
+def test_the_demo_config_runs_the_demo_images(ray_local, tmp_path):
+    """configs/demo.yaml with input.image_column + input.prompt_column over data/demo_images.parquet (32 rows)."""
+    from dgbatch.config import load_config
+
+    cfg = load_config(DEMO_CONFIG, ["input.path=data/demo_images.parquet", "input.image_column=image",
+                                    "input.prompt_column=prompt", f"output.path={tmp_path / 'out'}"])
+    assert driver.run(cfg) == 0
+    out = read_output(tmp_path / "out")
+    _assert_reads(out, 32)
+    assert {k: r["output_text"] for k, r in _rows(out).items()} == engine_reproduction(cfg, tmp_path / "out")
 
 
 @pytest.mark.slow

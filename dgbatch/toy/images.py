@@ -17,16 +17,24 @@ MAX_NUMBER = 999
 
 def draw_number(n: int, rng: random.Random, size: tuple[int, int] = IMAGE_SIZE):
     """A white RGB image of `size` with `n` in black at a random place where it fits whole."""
+    return draw_number_placed(n, rng, size)[0]
+
+
+def draw_number_placed(n: int, rng: random.Random, size: tuple[int, int] = IMAGE_SIZE):
+    """(image, centres): `draw_number`'s image (the same rng draws) and each character's centre (x, y) in pixels."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
-    left, top, right, bottom = draw.textbbox((0, 0), str(n), font=font)
+    text = str(n)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     x = rng.randint(-left, size[0] - right)
     y = rng.randint(-top, size[1] - bottom)
-    draw.text((x, y), str(n), fill="black", font=font)
-    return img
+    draw.text((x, y), text, fill="black", font=font)
+    centres = [(x + draw.textlength(text[:i], font=font) + draw.textlength(c, font=font) / 2, y + (top + bottom) / 2)
+               for i, c in enumerate(text)]
+    return img, centres
 
 
 def random_number_image(rng: random.Random):

@@ -24,10 +24,11 @@ IMAGE_PROCESSOR = {"patch_size": 4, "pooling_kernel_size": 2, "max_soft_tokens":
 
 
 def toy_config(vocab_size: int, *, hidden: int = 128, layers: int = 4, sliding_window: int = 48,
-               image_ids: tuple[int, int, int] | None = None) -> DiffusionGemmaConfig:
+               image_ids: tuple[int, int, int] | None = None, vision: dict | None = None) -> DiffusionGemmaConfig:
     """MoE (4 experts, top-2) in every layer, sliding and full attention alternating, canvas 16;
     image_ids = (boi, eoi, image) token ids. An image's tokens attend to each other both ways
-    (`use_bidirectional_attention="vision"`, as the larger Gemma 4 models)."""
+    (`use_bidirectional_attention="vision"`, as the larger Gemma 4 models). `vision` overrides
+    `SMALL_VISION`'s settings."""
     text = DiffusionGemmaTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -50,7 +51,8 @@ def toy_config(vocab_size: int, *, hidden: int = 128, layers: int = 4, sliding_w
         use_bidirectional_attention="vision",
     )
     boi, eoi, image = image_ids or (255_999, 258_882, 258_880)
-    return DiffusionGemmaConfig(text_config=text, vision_config=SMALL_VISION, canvas_length=CANVAS_LENGTH,
+    return DiffusionGemmaConfig(text_config=text, vision_config={**SMALL_VISION, **(vision or {})},
+                                canvas_length=CANVAS_LENGTH,
                                 boi_token_id=boi, eoi_token_id=eoi, image_token_id=image)
 
 

@@ -17,9 +17,14 @@ A `read` example's image goes through the vision tower in the same forward, its 
 the prompt's image tokens, and they attend to each other both ways (the encoder mask `generate`
 builds from `mm_token_type_ids`): the vision tower and the text model train together.
 
-`--grow-from` starts from a text-only toy: its weights are copied, the embedding (tied with the LM
-head) gains zero rows for the image tokens appended to the vocabulary (so text prompts generate as
-before), and the vision tower starts fresh.
+`--grow-from` starts from a toy's text weights (a text-only toy, or one already grown: its vision tower is
+dropped): they are copied, the embedding (tied with the LM head) gets rows at the text rows' scale for the
+image tokens appended to the vocabulary (`grow`), and the vision tower starts fresh.
+
+`--stage vision` trains the vision tower and its embedder alone, on `read` images, against targets in the
+text model's own embedding space (`train_vision`); no text weight changes and no text-model pass is paid
+for. A joint stage after it, with the tower frozen (`--freeze-vision`), is where the text model learns to
+read the digits it is shown; on this project's CPUs that stage did not get there (BENCHMARKS.md, "Stage 3").
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dgbatch.toy.images import IMAGE_SIZE, MAX_NUMBER, draw_number_placed
 from dgbatch.toy.model import CANVAS_LENGTH, IMAGE_PROCESSOR, build_toy_model
 from dgbatch.toy.tasks import make_example
-from dgbatch.toy.tokenizer import build_tokenizer
+from dgbatch.toy.tokenizer import MULTIMODAL_TOKENS, build_tokenizer
 from dgbatch.vision import ImageTokens, expand_placeholders, mm_token_type_ids
 
 # Count spans the most canvases and must learn where to stop, so it gets the most practice.
@@ -152,15 +158,33 @@ def forward(model, ids, mask, canvas, sc_logits=None, pixels=None, positions=Non
                  self_conditioning_logits=sc_logits).logits
 
 
-def grow(old: Path, tok):
-    """A new toy (this tokenizer's vocabulary, `toy_config`'s vision tower) holding `old`'s text weights."""
+def tower_settings(hidden: int | None, layers: int | None) -> dict:
+    """`SMALL_VISION` overrides for a vision tower `hidden` wide (16-dim heads) and `layers` deep."""
+    out: dict = {}
+    if hidden:
+        out.update(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=hidden // 16,
+                   num_key_value_heads=hidden // 16, head_dim=16)
+    if layers:
+        out["num_hidden_layers"] = layers
+    return out
+
+
+def grow(old: Path, tok, vision: dict | None = None):
+    """A new toy (this tokenizer's vocabulary, `toy_config`'s vision tower) holding `old`'s text weights.
+
+    The embedding rows of the image tokens (ids 102-108, appended after the text ids) start at the text rows'
+    scale, never at zero: the sampler's uniform canvas noise draws them, and a zero row under the decoder's
+    RMSNorm has a gradient 1/sqrt(eps) = 1000x too large, enough to swamp every other gradient in its clipping
+    group. The vision embedder's projection starts so that soft tokens are as large as text embeddings."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
     src = DiffusionGemmaForBlockDiffusion.from_pretrained(old, use_safetensors=True)
     text = src.config.text_config
     ids = image_token_ids(tok)
+    first_new = min(tok.convert_tokens_to_ids(t) for t in MULTIMODAL_TOKENS.values())
     model = build_toy_model(len(tok), hidden=text.hidden_size, layers=text.num_hidden_layers,
-                            sliding_window=text.sliding_window, image_ids=(ids.boi_id, ids.eoi_id, ids.image_id))
+                            sliding_window=text.sliding_window, image_ids=(ids.boi_id, ids.eoi_id, ids.image_id),
+                            vision=vision)
     old_sd, new_sd = src.state_dict(), model.state_dict()
     with torch.no_grad():
         for name, value in new_sd.items():
@@ -170,13 +194,109 @@ def grow(old: Path, tok):
                 value.copy_(old_sd[name])
             elif value.dim() == 2 and value.shape[1] == old_sd[name].shape[1]:  # embedding rows, new tokens appended
                 value[: old_sd[name].shape[0]] = old_sd[name]
-                value[old_sd[name].shape[0] :] = 0  # logit 0 and no self-conditioning weight: text rows as before
             else:
                 raise ValueError(f"cannot grow {name}: {tuple(old_sd[name].shape)} -> {tuple(value.shape)}")
-        table = model.model.encoder.vision_tower.patch_embedder.position_embedding_table
+        emb = model.get_input_embeddings().weight
+        emb[first_new:].normal_(0.0, emb[:first_new].std().item())
+        enc = model.model.encoder
+        table = enc.vision_tower.patch_embedder.position_embedding_table
         table.normal_(0.0, 0.02)  # transformers initialises it to ones: every position alike
+        # embed_vision: RMSNorm (unit per dim) then this projection; text tokens enter as row * sqrt(hidden).
+        text_norm = emb[:first_new].norm(dim=-1).mean().item() * text.hidden_size**0.5
+        proj = enc.embed_vision.embedding_projection.weight  # [text hidden, vision hidden]
+        proj.normal_(0.0, text_norm / (text.hidden_size * proj.shape[1]) ** 0.5)
     model.tie_weights()
     return model
+
+
+def soft_token_targets(tok, text: str, centres, positions: torch.Tensor, size=IMAGE_SIZE) -> list[int]:
+    """For each soft token of one image, the text token stage `vision` teaches it to look like: the digit whose
+    centre falls in its cell of the resized image, else a space."""
+    k = IMAGE_PROCESSOR["pooling_kernel_size"]
+    cell = IMAGE_PROCESSOR["patch_size"] * k
+    valid = positions[(positions >= 0).all(-1)]
+    cols, rows = (int(valid[:, 0].max()) + 1) // k, (int(valid[:, 1].max()) + 1) // k
+    sx, sy = cols * cell / size[0], rows * cell / size[1]
+    ids = [tok.convert_tokens_to_ids(" ")] * (cols * rows)
+    for c, (x, y) in zip(text, centres):
+        col, row = min(cols - 1, int(x * sx // cell)), min(rows - 1, int(y * sy // cell))
+        ids[row * cols + col] = tok.convert_tokens_to_ids(c)
+    return ids
+
+
+def vision_batch(tok, rng: random.Random, n: int, processor):
+    """(pixel values, image positions, [n, soft tokens] target ids) for `n` fresh `read` images."""
+    images, texts = [], []
+    for _ in range(n):
+        number = rng.randint(0, MAX_NUMBER)
+        images.append(draw_number_placed(number, rng))
+        texts.append(str(number))
+    out = processor([img for img, _ in images], return_tensors="pt")
+    pos = out["image_position_ids"]
+    targets = [soft_token_targets(tok, t, c, pos[i]) for i, (t, (_, c)) in enumerate(zip(texts, images))]
+    return out["pixel_values"], pos, torch.tensor(targets)
+
+
+def train_vision(model, tok, args) -> None:
+    """Stage `vision`: only the vision tower and its embedder train, on `read` images alone, with no pass through
+    the text model: each soft token is pulled (MSE, relative to the target's size) towards the encoder's input
+    embedding of the text token `soft_token_targets` names for it, so the text model receives an image as
+    the digits it already reads in prompts, in place, on a row of spaces. The text weights are not touched."""
+    processor = image_processor()
+    rng = random.Random(args.seed + args.start_step)
+    enc = model.model.encoder
+    params = [p for n, p in model.named_parameters() if ".vision_tower." in n or ".embed_vision." in n]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    resumed = load_optimizer(opt, args.out) if args.resume and args.init_from == args.out else False
+    emb = model.get_input_embeddings()
+    table = (emb.weight * emb.embed_scale).detach()  # what a text token enters the encoder as
+    space = tok.convert_tokens_to_ids(" ")
+    classes = torch.tensor([space] + [tok.convert_tokens_to_ids(str(d)) for d in range(10)])
+    warmup = 0 if resumed else 100
+    start = time.time() - args.elapsed
+    model.train()
+    step, stats = args.start_step - 1, None
+    for step in range(args.start_step, args.steps):
+        if args.time_budget and time.time() - start > args.time_budget:
+            step -= 1
+            break
+        p = min(1.0, step / max(1, args.steps))
+        lr = args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))) * min(1.0, (step - args.start_step + 1)
+                                                                             / max(1, warmup))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        pixels, positions, targets = vision_batch(tok, rng, args.batch_size, processor)
+        soft = enc.get_image_features(pixels, positions).pooler_output.reshape(-1, table.shape[1])  # [image tokens, hidden]
+        flat = targets.reshape(-1)
+        want = table[flat]
+        err = (soft - want).pow(2).mean(-1) / want.pow(2).mean(-1)
+        weight = torch.where(flat == space, 1.0, 10.0)  # a few digit cells among ~50 blank ones
+        loss = (err * weight).sum() / weight.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            pred = classes[torch.cdist(soft, table[classes]).argmin(-1)].reshape(targets.shape)
+            now = torch.tensor([loss.item(), (pred == targets).float().mean().item(),
+                                (pred == targets).all(-1).float().mean().item()])
+            stats = now if stats is None else 0.95 * stats + 0.05 * now
+        if step % 50 == 0 or step == args.steps - 1:
+            print(f"step {step} loss {stats[0]:.4f} soft-token acc {stats[1]:.4f} image acc {stats[2]:.3f} "
+                  f"lr {lr:.2e} {time.time() - start:.0f}s", flush=True)
+        if (step + 1) % args.save_every == 0:
+            save(model, tok, args.out, {"step": step + 1, **vars(args), "out": str(args.out),
+                                        "image_acc_ema": float(stats[2]), "elapsed": round(time.time() - start, 1)})
+            save_optimizer(opt, args.out)
+    print(f"done at step {step + 1} {time.time() - start:.0f}s", flush=True)
+    save(model, tok, args.out, {"step": step + 1, **vars(args), "out": str(args.out),
+                                "image_acc_ema": None if stats is None else float(stats[2]),
+                                "elapsed": round(time.time() - start, 1)})
+    save_optimizer(opt, args.out)
 
 
 def main() -> None:
@@ -203,6 +323,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes making batches")
     ap.add_argument("--time-budget", type=float, help="seconds; the schedule follows steps or time, whichever leads")
+    ap.add_argument("--vision-hidden", type=int, help="with --grow-from: the new vision tower's width")
+    ap.add_argument("--vision-layers", type=int, help="with --grow-from: the new vision tower's depth")
+    ap.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
+    ap.add_argument("--freeze-vision", action="store_true",
+                    help="joint stage: the vision tower and embedder keep their weights (no gradients through them)")
+    ap.add_argument("--stage", choices=("joint", "vision"), default="joint",
+                    help="vision: train only the vision tower and embedder on `read` images (`train_vision`)")
     args = ap.parse_args()
 
     elapsed = 0.0
@@ -210,6 +337,7 @@ def main() -> None:
         meta = json.loads((args.out / "training.json").read_text())
         args.init_from, args.grow_from, args.start_step = args.out, None, int(meta["step"])
         elapsed = float(meta.get("elapsed", 0.0))
+    args.elapsed = elapsed
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -223,6 +351,12 @@ def main() -> None:
         if name not in TASK_WEIGHTS:
             ap.error(f"--task-weights: unknown task {name!r}")
         TASK_WEIGHTS[name] = float(w)
+    if args.stage == "vision":
+        from transformers import DiffusionGemmaForBlockDiffusion
+
+        model = (DiffusionGemmaForBlockDiffusion.from_pretrained(args.init_from, use_safetensors=True)
+                 if args.init_from else grow(args.grow_from, tok, tower_settings(args.vision_hidden, args.vision_layers)))
+        return train_vision(model, tok, args)
     stream = BatchStream(args.seed + args.start_step, args.batch_size, args.eos_canvas_p, dict(TASK_WEIGHTS))
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
@@ -233,7 +367,7 @@ def main() -> None:
 
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(args.init_from, use_safetensors=True)
     elif args.grow_from:
-        model = grow(args.grow_from, tok)
+        model = grow(args.grow_from, tok, tower_settings(args.vision_hidden, args.vision_layers))
     else:
         model = build_toy_model(vocab, hidden=args.hidden, layers=args.layers)
     batches = iter(loader)  # workers fork before CUDA initialises
@@ -241,10 +375,14 @@ def main() -> None:
     vision = [p for n, p in model.named_parameters() if ".vision_tower." in n or ".embed_vision." in n]
     text = [p for n, p in model.named_parameters() if not (".vision_tower." in n or ".embed_vision." in n)]
     groups = [{"params": text, "mult": 1.0}, {"params": vision, "mult": args.vision_lr_mult}]
+    if args.freeze_vision:
+        for p in vision:
+            p.requires_grad_(False)
+        groups = groups[:1]
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     resumed = load_optimizer(opt, args.out) if args.resume and args.init_from == args.out else False
-    warmup = 200
-    start, ema = time.time() - elapsed, None
+    warmup = args.warmup
+    start, ema, read_ema = time.time() - elapsed, None, None
 
     def progress(step: int) -> float:
         """Fraction of training done: by steps, or by seconds when a time budget leads."""
@@ -287,8 +425,15 @@ def main() -> None:
             torch.nn.utils.clip_grad_norm_(g["params"], 1.0)
         opt.step()
         ema = loss.detach() if ema is None else 0.98 * ema + 0.02 * loss.detach()  # no host sync per step
-        if step % 100 == 0 or step == args.steps - 1:
-            print(f"step {step} loss {ema.item():.4f} lr {lr_at(step):.2e} {time.time() - start:.0f}s", flush=True)
+        if pixels is not None:  # `read` rows: the share whose noisy canvas is denoised whole in one pass
+            with torch.no_grad():
+                rows = (ids == model.config.image_token_id).any(-1)
+                hit = (logits[rows].argmax(-1) == clean[rows]).all(-1).float().mean()
+                read_ema = hit if read_ema is None else 0.95 * read_ema + 0.05 * hit
+        if step % 50 == 0 or step == args.steps - 1:
+            seen = "" if read_ema is None else f" read canvas exact {read_ema.item():.3f}"
+            print(f"step {step} loss {ema.item():.4f}{seen} lr {lr_at(step):.2e} {time.time() - start:.0f}s",
+                  flush=True)
         if (step + 1) % args.save_every == 0:
             save(model, tok, args.out, {"step": step + 1, **vars(args), "out": str(args.out), "loss_ema": ema.item(),
                                         "elapsed": round(time.time() - start, 1)})
