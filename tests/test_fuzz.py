@@ -10,8 +10,8 @@ every run; `DGBATCH_FUZZ=long` draws fresh random examples, 10x as many):
   in process (no Ray, no model), against an oracle of which inputs are job-level errors (FUZZ_INPUTS);
 - jobs: a few such inputs as whole jobs on the toy checkpoint, short generations (FUZZ_JOBS).
 
-    pytest tests/test_fuzz.py                       # CI: 1,000 configs + 400 inputs + 6 jobs
-    DGBATCH_FUZZ=long pytest tests/test_fuzz.py     # soak: 10,000 + 4,000 + 60, random seeds
+    pytest tests/test_fuzz.py                       # CI: 1,000 configs + 1,000 inputs + 6 jobs
+    DGBATCH_FUZZ=long pytest tests/test_fuzz.py     # soak: 10,000 + 10,000 + 60, random seeds
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from tests.helpers import leaf_fields
 
 LONG = os.environ.get("DGBATCH_FUZZ") == "long"
 SCALE = 10 if LONG else 1
-FUZZ_CONFIGS, FUZZ_INPUTS, FUZZ_JOBS = 1000 * SCALE, 400 * SCALE, 6 * SCALE
+FUZZ_CONFIGS, FUZZ_INPUTS, FUZZ_JOBS = 1000 * SCALE, 1000 * SCALE, 6 * SCALE
 
 
 def fuzz_settings(n: int):
