@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable
 
 from dgbatch.config import ConfigError, JobConfig
+from dgbatch.errors import JobError
 from dgbatch.scheduler import Scheduler
 
 log = logging.getLogger("dgbatch")
@@ -39,12 +40,47 @@ def init_ray(cfg: JobConfig):
         return ray
     with _keeping_stop_handlers():
         if cfg.ray.address:
+            check_reachable(cfg.ray.address, cfg.ray.connect_timeout_s, "ray.address")
             ray.init(address=cfg.ray.address, log_to_driver=True)
         elif os.environ.get("RAY_ADDRESS"):
+            check_reachable(os.environ["RAY_ADDRESS"], cfg.ray.connect_timeout_s, "RAY_ADDRESS")
             ray.init(log_to_driver=True)  # under `ray job submit`, or a cluster the user pointed at
         else:
             start_local_ray(ray, cfg.ray.num_cpus)
     return ray
+
+
+class RayUnreachable(JobError):
+    """ray.address (or RAY_ADDRESS) does not answer."""
+
+
+DEFAULT_PORTS = {"": 6379, "ray": 10001}  # the GCS; Ray Client's server
+
+
+def check_reachable(address: str, timeout: float, what: str) -> None:
+    """Open (and close) a TCP connection to a Ray address within `timeout`, so an address that refuses or does
+    not answer fails in seconds (exit 2), where `ray.init` retries for minutes. 'auto' and 'local' name no host."""
+    import socket
+
+    scheme, _, rest = address.rpartition("://")
+    if address in ("auto", "local") or scheme not in DEFAULT_PORTS:
+        return  # another scheme (e.g. http:// of a job server) is Ray's to refuse
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        host, port = rest.rstrip("/"), str(DEFAULT_PORTS[scheme])
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise RayUnreachable(f"cannot reach the Ray cluster at {what} {address!r} ({host}:{port}): {why} within "
+                             f"{timeout:g} s (ray.connect_timeout_s). Start it (`ray start --head`) or fix {what}: "
+                             "the head's HOST:PORT (port 6379 by default)") from None
+
+
+def started_here(ray) -> bool:
+    """Whether this process started the Ray it is connected to (a local Ray: no other node will join it)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
 
 
 @contextlib.contextmanager
@@ -123,6 +159,7 @@ class ReplicaPool:
 
     def start(self) -> None:
         """Start Ray (or join it) and create the replicas; nothing when already started."""
+        from dgbatch.capacity import check_placeable
         from dgbatch.placement import make_replicas
 
         if self.started:
@@ -131,7 +168,9 @@ class ReplicaPool:
             raise RuntimeError("this replica pool is closed")
         cfg = self.cfg
         t0 = time.time()
-        self.ray = init_ray(cfg)
+        ray = init_ray(cfg)
+        check_placeable(ray, cfg, may_grow=not started_here(ray))  # no node could ever hold one: exit 2 now
+        self.ray = ray
         self.timings = {"ray_init_s": round(time.time() - t0, 3), "ray_up_at": time.time()}
         self.run_id = uuid.uuid4().hex[:8]
         self.handles = make_replicas(self.ray, cfg, self.run_id)

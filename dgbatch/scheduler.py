@@ -9,12 +9,19 @@ attempts per shard:
     Retry(shard, error)    that shard's attempt failed; the replica is fine
     Rows(shard, finished)  rows of a shard in flight finished so far (progress, nothing else)
     Restarting(error)      every shard the replica held is lost; it is coming back (an Up follows)
-    Gone(error)            every shard it held is lost; it will not come back
+    Gone(error, why)       every shard it held is lost; it will not come back. `why`: a job-level error
+                           (it could not start, or not be placed) that stops the job once no replica is left
+    Fatal(error, shard)    the job cannot go on (the storage gave up on `shard`'s commit): nothing more
+                           is handed out, and `run` raises `error` (a JobError: exit 2, one line)
 
 A replica holds up to `depth` shards at once (two or more: while one drains, the next fills its
 engine's free slots). A lost or failed shard goes to the back of the queue until it has failed
 `max_attempts` times; then it is recorded as failed. Shards are handed out as replicas have room,
 never pre-assigned, so a faster replica runs more of them.
+
+A job that stops (Fatal, a replica that could not start, Ctrl-C) may leave shards in flight on replicas
+that other jobs will use (a backfill's pool): the next `run` first waits them out, their results
+discarded, so none of them is taken for a shard of the next job with the same id.
 """
 
 from __future__ import annotations
@@ -60,9 +67,16 @@ class Restarting:
 @dataclass(frozen=True)
 class Gone:
     error: str
+    why: Exception | None = None
 
 
-Outcome = Up | Done | Retry | Rows | Restarting | Gone
+@dataclass(frozen=True)
+class Fatal:
+    error: Exception
+    shard: str | None = None
+
+
+Outcome = Up | Done | Retry | Rows | Restarting | Gone | Fatal
 
 
 class ReplicaHandle(Protocol):
@@ -96,6 +110,7 @@ class Scheduler:
         self.up: set[int] = set()
         self.gone: set[int] = set()
         self.last_error = ""
+        self.stuck: Exception | None = None  # why the last replica gone could not start (Gone.why)
         self._job(deque(), None, 2, None, None)
 
     def _job(self, queue: deque, job, depth: int, on_done, on_rows) -> None:
@@ -107,6 +122,8 @@ class Scheduler:
         self.held: list[set[str]] = [set() for _ in self.handles]  # shards in flight, per replica
         self.attempts: Counter[str] = Counter()
         self.failed: dict[str, str] = {}
+        self.fatal: Exception | None = None  # what stopped this job
+        self.stopped = False  # nothing more is handed out or requeued
 
     @property
     def busy(self) -> bool:
@@ -118,7 +135,7 @@ class Scheduler:
 
     def assign(self) -> None:
         """Hand queued shards to replicas that are up and have room, the emptiest first."""
-        while self.queue:
+        while self.queue and not self.stopped:
             room = [i for i in self.up if len(self.held[i]) < self.depth]
             if not room:
                 return
@@ -142,11 +159,17 @@ class Scheduler:
         elif isinstance(outcome, Rows):
             if outcome.shard in self.held[i]:
                 self.on_rows(outcome.shard, outcome.finished)
+        elif isinstance(outcome, Fatal):
+            if outcome.shard in self.held[i]:
+                self.held[i].discard(outcome.shard)
+                self.on_rows(outcome.shard, 0)
+            self._stop(outcome.error)
         elif isinstance(outcome, (Restarting, Gone)):
             self.last_error = outcome.error
             self.up.discard(i)
             if isinstance(outcome, Gone):
                 self.gone.add(i)
+                self.stuck = outcome.why
                 log.error("replica %s is gone (%s)", self.handles[i].name, outcome.error)
             lost, self.held[i] = sorted(self.held[i]), set()
             for shard in lost:
@@ -154,13 +177,25 @@ class Scheduler:
                 self._retry_or_fail(shard, outcome.error)
         self._fail_if_no_replica()
 
+    def _stop(self, error: Exception) -> None:
+        """The job cannot go on: hand out nothing more; `run` raises `error` (the first one)."""
+        if self.fatal is None and not self.stopped:
+            log.error("stopping the job: %s", error)
+            self.fatal = error
+        self.stopped = True
+        self.queue.clear()
+
     def _fail_if_no_replica(self) -> None:
+        if len(self.gone) == len(self.handles) and self.stuck is not None:
+            self._stop(self.stuck)  # no replica could start: one line says why, rather than each shard
         if len(self.gone) == len(self.handles) and self.queue:
             for shard in self.queue:
                 self.failed[shard] = f"no replica left to run it; last replica error: {self.last_error}"
             self.queue.clear()
 
     def _retry_or_fail(self, shard: str, reason: str) -> None:
+        if self.stopped:
+            return
         self.attempts[shard] += 1
         if self.attempts[shard] >= self.max_attempts:
             self.failed[shard] = f"failed {self.attempts[shard]} attempts; last: {reason}"
@@ -185,11 +220,27 @@ class Scheduler:
             timeout: float = 1.0, clock: Callable[[], float] = time.time,
             every_round: Callable[[], Any] | None = None) -> dict[str, str]:
         """Run one job's shards until each is done or failed for good; returns the failed ones (id ->
-        reason). A replica holds up to `depth` shards at once. The handles must have been started."""
+        reason), or raises the error that stopped it (Fatal, or no replica could start). A replica holds up to
+        `depth` shards at once. The handles must have been started."""
+        self._drain(wait, timeout, clock)
         self._job(deque(shards), job, depth, on_done, on_rows)
         self._fail_if_no_replica()
-        while self.busy:
+        while self.busy and not self.stopped:
             self.poll(wait, timeout, clock)
             if every_round is not None:
                 every_round()
+        if self.fatal is not None:
+            raise self.fatal
         return self.failed
+
+    def _drain(self, wait: Wait, timeout: float, clock: Callable[[], float]) -> None:
+        """Wait out the shards a stopped job left in flight (bounded by what the handles bound: a shard's
+        generation, storage retries, a replica's restart), discarding their results."""
+        if not any(self.held):
+            return
+        log.info("waiting for %d shard(s) of the stopped job still in flight", sum(map(len, self.held)))
+        self.stopped, self.queue = True, deque()
+        self.on_done = lambda shard, stats: None
+        self.on_rows = lambda shard, finished: None
+        while any(self.held):
+            self.poll(wait, timeout, clock)
