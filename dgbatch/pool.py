@@ -40,11 +40,11 @@ def init_ray(cfg: JobConfig):
         return ray
     with _keeping_stop_handlers():
         if cfg.ray.address:
-            check_reachable(cfg.ray.address, cfg.ray.connect_timeout_s, "ray.address")
-            ray.init(address=cfg.ray.address, log_to_driver=True)
+            with _joining(cfg.ray.address, cfg.ray.connect_timeout_s, "ray.address"):
+                ray.init(address=cfg.ray.address, log_to_driver=True)
         elif os.environ.get("RAY_ADDRESS"):
-            check_reachable(os.environ["RAY_ADDRESS"], cfg.ray.connect_timeout_s, "RAY_ADDRESS")
-            ray.init(log_to_driver=True)  # under `ray job submit`, or a cluster the user pointed at
+            with _joining(os.environ["RAY_ADDRESS"], cfg.ray.connect_timeout_s, "RAY_ADDRESS"):
+                ray.init(log_to_driver=True)  # under `ray job submit`, or a cluster the user pointed at
         else:
             start_local_ray(ray, cfg.ray.num_cpus)
     return ray
@@ -75,6 +75,41 @@ def check_reachable(address: str, timeout: float, what: str) -> None:
         raise RayUnreachable(f"cannot reach the Ray cluster at {what} {address!r} ({host}:{port}): {why} within "
                              f"{timeout:g} s (ray.connect_timeout_s). Start it (`ray start --head`) or fix {what}: "
                              "the head's HOST:PORT (port 6379 by default)") from None
+
+
+@contextlib.contextmanager
+def _joining(address: str, timeout: float, what: str):
+    """Join a cluster: its address answers within `timeout` (or exit 2), and what answers is a Ray GCS (Ray gives
+    up on one that is not in about 20 s: one line too, not its traceback)."""
+    check_reachable(address, timeout, what)
+    if "://" not in address and address not in ("auto", "local") and not _gcs_answers(address, timeout):
+        raise RayUnreachable(f"cannot join the Ray cluster at {what} {address!r}: something answers there, but no "
+                             f"Ray GCS within {timeout:g} s (ray.connect_timeout_s); is it a Ray head's GCS address "
+                             "(HOST:PORT, port 6379 by default)?")
+    try:
+        yield
+    except ConnectionError as e:
+        raise RayUnreachable(f"cannot join the Ray cluster at {what} {address!r}: {e}; is it a Ray head's GCS "
+                             "address (HOST:PORT, port 6379 by default)?") from None
+
+
+def _gcs_answers(address: str, timeout: float) -> bool:
+    """Whether a Ray GCS at `address` gives its cluster id within `timeout` (Ray's own client waits ~40 s, and
+    `ray.init` longer). Only silence counts: an error (auth, another protocol) is left to `ray.init` to report."""
+    from ray._raylet import GcsClient
+
+    done = threading.Event()
+    silent: list[bool] = []
+
+    def probe() -> None:
+        try:
+            GcsClient(address=address)
+        except Exception as e:  # noqa: BLE001 - only a timeout means no GCS answers; ray.init says the rest
+            silent.append("Timed out" in str(e))
+        done.set()
+
+    threading.Thread(target=probe, name="dgbatch-gcs-probe", daemon=True).start()
+    return done.wait(timeout) and not any(silent)
 
 
 def started_here(ray) -> bool:

@@ -194,7 +194,7 @@ def test_a_stopped_jobs_shards_in_flight_are_waited_out_before_the_next_job_so_n
     with pytest.raises(StorageDown):
         run([a, b], shards(6), depth=1, scheduler=s)
     assert any(held for held in s.held)  # b's s01 is still running
-    failed, done, by, _, _ = run([a, b], ["s07", "s01"], job="job-2", scheduler=s)  # b gets s01 again
+    failed, done, _, _, _ = run([a, b], ["s07", "s01"], job="job-2", scheduler=s)  # b gets s01 again
     assert failed == {} and done == Counter({"s01": 1, "s07": 1})
     job2 = [(shard, r.name) for r in (a, b) for shard, job in r.submitted if job == "job-2"]
     assert sorted(x for x, _ in job2) == ["s01", "s07"]
