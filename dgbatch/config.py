@@ -332,6 +332,15 @@ class ReplicasSection(Section):
     num_gpus: NonNegativeFloat = Field(0, description="GPUs reserved per replica actor (per rank of a parallel replica).")
     accelerator_type: Name | None = Field(None, description="Ray accelerator type, e.g. 'H100'.")
     max_shard_attempts: PositiveInt = Field(3, description="Tries per shard before it is recorded as failed.")
+    max_start_failures: PositiveInt = Field(
+        3, description="Failed starts in a row (its __init__ raised: a bad model.device, unreadable weights) before "
+        "a replica is dropped; with none left up, the job stops with the replica's error (exit 2)."
+    )
+    placement_timeout_s: Seconds = Field(
+        600.0, description="How long a replica waits for its resources (CPUs, GPUs, accelerator) on a cluster that "
+        "could hold it but is busy, or may add nodes; with none up after this, the job stops (exit 2) naming what is "
+        "missing. One that no node could ever hold fails at once."
+    )
 
 
 class ParallelSection(Section):
@@ -447,6 +456,9 @@ class EvalSection(Section):
 
 class RayCluster(Section):
     address: PathStr | None = Field(None, description="Ray address; default: join a running cluster or start one.")
+    connect_timeout_s: Seconds = Field(
+        10.0, description="How long to wait for ray.address to answer before the job stops (exit 2, one line)."
+    )
     num_cpus: PositiveInt | None = Field(None, description="CPUs for a locally started Ray.")
 
 

@@ -7,6 +7,10 @@
   restarted one by one: a process group cannot take a new member, so any failure of the group tears
   it down whole (every actor and the placement group) and the handle starts a new one.
 
+Both bound how long a replica may fail to come up (`replicas.max_start_failures` failed starts in a row,
+`replicas.placement_timeout_s` waiting for resources): then it is `Gone` with a job-level reason, which
+stops the job (exit 2, one line) when no replica is left. A shard whose storage gave up is `Fatal`.
+
 Each handle knows its kind's protocol (which call is the leader's, what a failure means) and turns
 Ray's results into the scheduler's outcomes: a shard that failed on its own (`Retry`: the replica is
 fine) against a replica that lost everything it held (`Restarting`, or `Gone` when it will not come
@@ -20,14 +24,17 @@ import logging
 import time
 
 from dgbatch import redact
+from dgbatch.capacity import PlacementError, replica_bundle, shortfall
 from dgbatch.config import JobConfig
-from dgbatch.scheduler import Done, Gone, Outcome, Restarting, Retry, Rows, Up
+from dgbatch.errors import JobError
+from dgbatch.scheduler import Done, Fatal, Gone, Outcome, Restarting, Retry, Rows, Up
 
 log = logging.getLogger("dgbatch")
 
 NAMESPACE = "dgbatch"
-MAX_PROBES = 120  # ~2 minutes of 1-second readiness probes before a restarting replica is given up
-MAX_GROUP_STARTS = 3  # consecutive failed starts (placement, rendezvous, model load) before a group is dropped
+MAX_PROBES = 120  # ~2 minutes of 1-second probes that find a restarting replica unavailable before it is given up
+PLACEMENT_CHECK_S = 1.0  # how often a replica that is not up is checked for a node (SingleReplica)
+WAIT_NOTICE_S = 10.0  # a replica waiting this long for resources says what it waits for
 MAX_SHARDS_IN_FLIGHT = 16  # per replica; its actor runs that many shard calls at once, plus control calls
 PROGRESS_EVERY_S = 1.0  # how often a replica holding shards is asked for their finished rows
 
@@ -61,26 +68,83 @@ class _Calls:
         return any(k == kind for k, _ in self.refs.values())
 
 
+class ReplicaStartError(JobError):
+    """A replica failed to start replicas.max_start_failures times in a row."""
+
+
+def start_error(index: int, failures: int, reason: str) -> ReplicaStartError:
+    return ReplicaStartError(
+        f"replica {index} failed to start {failures} time(s) in a row (replicas.max_start_failures={failures}): "
+        f"{reason}. Check model.device, model.path and the replicas' nodes")
+
+
+def init_error(err: BaseException) -> str:
+    """What a replica's __init__ raised, in one scrubbed line (Ray wraps it in ActorDiedError's text)."""
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    return redact.scrub(lines[-1].strip()[:500])
+
+
+class Waiting:
+    """How long a replica that is not up has waited for a node with its resources (none: it has one, or it is
+    not known), and the notice and the timeout that bound that wait."""
+
+    def __init__(self, ray, index: int, cfg: JobConfig):
+        self.ray, self.index, self.cfg = ray, index, cfg
+        self.since: float | None = None
+        self.noticed = False
+
+    def placed(self, now: float) -> None:
+        self.since, self.noticed = None, False
+
+    def unplaced(self, now: float) -> list[Outcome]:
+        """Not placed, seen at `now`: a notice after WAIT_NOTICE_S, `Gone` after replicas.placement_timeout_s."""
+        self.since = now if self.since is None else self.since
+        waited, limit = now - self.since, self.cfg.replicas.placement_timeout_s
+        if waited >= limit:
+            why = PlacementError(f"replica {self.index} was not placed in {limit:g} s (replicas.placement_timeout_s): "
+                                 f"{shortfall(self.ray, self.cfg)}")
+            return [Gone(f"not placed in {limit:g} s", why)]
+        if waited >= WAIT_NOTICE_S and not self.noticed:
+            self.noticed = True
+            log.warning("replica %d waits for resources: %s; giving up %g s after it began (replicas."
+                        "placement_timeout_s)", self.index, shortfall(self.ray, self.cfg), limit)
+        return []
+
+
 class SingleReplica:
-    """One `Replica` actor, created (and loading its model) at once."""
+    """One `Replica` actor, created (and loading its model) at once. One whose __init__ raised is dead for good
+    (Ray does not restart it): a new actor is made, up to replicas.max_start_failures starts in a row."""
 
     def __init__(self, ray, index: int, run_id: str, cfg: JobConfig):
         from dgbatch.replica import Replica
 
-        r = cfg.replicas
-        self.ray = ray
-        self.index = index
-        self.name = f"replica-{index}-{run_id}"
-        self.actor = ray.remote(Replica).options(
+        self.ray, self.index, self.run_id, self.cfg = ray, index, run_id, cfg
+        self.cls = ray.remote(Replica)
+        self.starts = 0
+        self.calls = _Calls()
+        self.up = False
+        self.probe_at: float | None = None
+        self.probe_failures = 0  # probes in a row that found it unavailable
+        self.start_failures = 0  # starts in a row that failed
+        self.waiting = Waiting(ray, index, cfg)
+        self.check_at = 0.0
+        self.progress_at = 0.0
+        self.timings: dict | None = None
+        self._create()
+
+    @property
+    def name(self) -> str:
+        return f"replica-{self.index}-{self.run_id}" if self.starts <= 1 else (
+            f"replica-{self.index}-s{self.starts}-{self.run_id}")
+
+    def _create(self) -> None:
+        r = self.cfg.replicas
+        self.starts += 1
+        self.actor = self.cls.options(
             name=self.name, num_cpus=r.num_cpus, num_gpus=r.num_gpus, accelerator_type=r.accelerator_type,
             max_restarts=-1, max_task_retries=0, namespace=NAMESPACE, max_concurrency=MAX_SHARDS_IN_FLIGHT + 4,
             scheduling_strategy="SPREAD",  # a node lost takes as few replicas with it as can be
-        ).remote(cfg)  # fmt: skip
-        self.calls = _Calls()
-        self.probe_at: float | None = None
-        self.probe_failures = 0
-        self.progress_at = 0.0
-        self.timings: dict | None = None
+        ).remote(self.cfg)  # fmt: skip
 
     def start(self) -> None:
         self.calls.add(self.actor.ready.remote(), "ready")
@@ -99,26 +163,38 @@ class SingleReplica:
                 value = self.ray.get(ref)
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError) as e:
                 if lost is None:
-                    lost = self._lost(e, now, probing=kind == "probe")
+                    lost = self._lost(e, now, kind)
                 continue
             except self.ray.exceptions.RayTaskError as e:
-                _stop_if_storage_is_down(e)
-                if kind == "shard" and not _is_broken(e):
+                fatal = _storage_gave_up(e, shard)
+                if fatal is not None:
+                    out.append(fatal)
+                elif kind == "shard" and not _is_broken(e):
                     out.append(Retry(shard, brief(_cause(e))))
                 elif lost is None:
                     self.ray.kill(self.actor, no_restart=False)  # its loop died: Ray brings it back fresh
-                    lost = self._lost(e, now)
+                    lost = self._lost(e, now, kind)
                 continue
             if kind == "shard":
                 out.append(Done(shard, value))  # committed, whatever happened to the actor since
             elif kind in ("ready", "probe") and lost is None:
-                self.probe_failures = 0
+                self.up, self.probe_failures, self.start_failures = True, 0, 0
+                self.waiting.placed(now)
                 self.timings = self.timings or value
                 out.append(Up())
             elif kind == "progress" and lost is None:
                 out += [Rows(s, rows, tokens) for s, (rows, tokens) in value.items()]
         if lost is not None:
             return out + lost
+        if not self.up and now >= self.check_at:
+            self.check_at = now + PLACEMENT_CHECK_S
+            if self._placed() is False:
+                gone = self.waiting.unplaced(now)
+                if gone:
+                    self.kill()
+                    return out + gone
+            else:
+                self.waiting.placed(now)
         if self.probe_at is not None and self.probe_at <= now:
             self.probe_at = None
             self.calls.add(self.actor.ready.remote(), "probe")
@@ -127,16 +203,48 @@ class SingleReplica:
             self.calls.add(self.actor.progress.remote(), "progress")
         return out
 
-    def _lost(self, err: BaseException, now: float, probing: bool = False) -> list[Outcome]:
-        """The actor died or is restarting: everything in flight is lost; probe until it is back."""
+    def _lost(self, err: BaseException, now: float, kind: str) -> list[Outcome]:
+        """The actor died or is restarting: everything in flight is lost. One that died while starting (its
+        ready call or probe failed) counts a failed start; otherwise it is probed until it is back."""
         self.calls.clear()
-        self.probe_failures += probing
+        self.up = False
+        starting = kind in ("ready", "probe")
+        out = [] if kind == "probe" else [Restarting(brief(err))]
+        if starting and not isinstance(err, self.ray.exceptions.ActorUnavailableError):
+            self.start_failures += 1
+            reason = init_error(err)
+            n = self.cfg.replicas.max_start_failures
+            if self.start_failures >= n:
+                log.error("replica %d failed to start %d time(s) in a row; dropping it (last: %s)", self.index, n,
+                          reason)
+                self.kill()
+                return [*out, Gone(reason, start_error(self.index, n, reason))]
+            if getattr(err, "actor_init_failed", False):  # dead for good: Ray does not restart it
+                log.warning("replica %d failed to start (%s); starting a new one (%d of %d failed)", self.index,
+                            reason, self.start_failures, n)
+                self._create()
+                self.start()
+                return out
+        else:
+            self.probe_failures += kind == "probe"
         if self.probe_failures >= MAX_PROBES:
             log.error("replica %d did not come back after %d probes; dropping it", self.index, MAX_PROBES)
             self.probe_at = None
-            return [Gone(brief(err))]
+            return [*out, Gone(brief(err))]
         self.probe_at = now + 1.0
-        return [] if probing else [Restarting(brief(err))]
+        return out
+
+    def _placed(self) -> bool | None:
+        """Whether Ray has found the actor a node (its address is set), None where that cannot be read."""
+        try:
+            from ray._private.state import state  # no public API without the dashboard (local Ray has none)
+
+            info = state.actor_table(self.actor._actor_id.hex())
+        except Exception:  # noqa: BLE001 - unknown: then only the start failures bound the wait
+            return None
+        if not isinstance(info, dict) or info.get("State") in (None, "DEAD"):
+            return None
+        return bool((info.get("Address") or {}).get("IPAddress"))
 
     def stats(self):
         return self.actor.stats.remote()
@@ -151,13 +259,13 @@ class SingleReplica:
         return self.name
 
 
-def _stop_if_storage_is_down(err: BaseException) -> None:
-    """A shard whose storage kept failing after its retries (StorageUnavailable) stops the job: raised, so no
-    more shards are generated into commits that cannot happen."""
+def _storage_gave_up(err: BaseException, shard: str | None) -> Fatal | None:
+    """A shard whose storage kept failing after its retries (StorageUnavailable) stops the job: no more shards
+    are generated into commits that cannot happen."""
     from dgbatch.io.fs import StorageUnavailable
 
-    if isinstance(_cause(err), StorageUnavailable):
-        raise _cause(err) from None
+    cause = _cause(err)
+    return Fatal(cause, shard) if isinstance(cause, StorageUnavailable) else None
 
 
 def _is_broken(err: BaseException) -> bool:
@@ -182,6 +290,8 @@ class ReplicaGroup:
         self.setups_left = 0
         self.started_at = 0.0
         self.start_failures = 0  # consecutive starts that failed
+        self.placed = False
+        self.waiting = Waiting(ray, index, cfg)
         self.progress_at = 0.0
         self.timings: dict | None = None
 
@@ -190,11 +300,7 @@ class ReplicaGroup:
         return f"replica-{self.index}-g{self.generation}-{self.run_id}"
 
     def bundle(self) -> dict[str, float]:
-        r = self.cfg.replicas
-        b = {"CPU": r.num_cpus, "GPU": r.num_gpus}
-        if r.accelerator_type:
-            b[f"accelerator_type:{r.accelerator_type}"] = 0.001  # what Ray's accelerator_type option asks for
-        return {k: v for k, v in b.items() if v}
+        return replica_bundle(self.cfg.replicas)
 
     def start(self) -> None:
         """A new placement group and rank actors; every rank's setup (join, load, shard the model) starts."""
@@ -218,6 +324,8 @@ class ReplicaGroup:
             self.calls.add(a.setup.remote(address), "setup", rank)
         self.setups_left = self.world
         self.started_at = time.time()
+        self.placed = False
+        self.calls.add(self.pg.ready(), "placed")
 
     def submit(self, shard: str, job) -> None:
         self.calls.add(self.actors[0].run_shard.remote(shard, job), "shard", shard)
@@ -232,14 +340,20 @@ class ReplicaGroup:
                 value = self.ray.get(ref)
             except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError,
                     self.ray.exceptions.RayTaskError) as e:
-                _stop_if_storage_is_down(e)
+                fatal = _storage_gave_up(e, what if kind == "shard" else None)
+                if fatal is not None:
+                    out.append(fatal)
+                    continue
                 if kind == "shard" and isinstance(e, self.ray.exceptions.RayTaskError) and not _is_broken(e):
                     out.append(Retry(what, brief(_cause(e))))  # read or commit failed: every rank is still in step
                     continue
                 if kind == "progress":
                     continue  # the shard calls say what happened
-                return out + self._tear_down(e, starting=kind == "setup")
-            if kind == "setup":
+                return out + self._tear_down(e, starting=kind in ("setup", "placed"))
+            if kind == "placed":
+                self.placed = True
+                self.waiting.placed(now)
+            elif kind == "setup":
                 self.setups_left -= 1
                 if what == 0:
                     self.timings = value
@@ -254,6 +368,11 @@ class ReplicaGroup:
                 out.append(Done(what, value))
             elif kind == "progress":
                 out += [Rows(s, rows, tokens) for s, (rows, tokens) in value.items()]
+        if self.setups_left and not self.placed:
+            gone = self.waiting.unplaced(now)
+            if gone:
+                self.kill()
+                return out + gone
         if self.setups_left and now - self.started_at > self.cfg.parallel.startup_timeout_s:
             return out + self._tear_down(TimeoutError(
                 f"replica group {self.index} ({self.describe()}) was not up {self.cfg.parallel.startup_timeout_s:g} s "
@@ -269,10 +388,11 @@ class ReplicaGroup:
         self.kill()
         reason = brief(_cause(err))
         self.start_failures = self.start_failures + 1 if starting else 0
-        if self.start_failures >= MAX_GROUP_STARTS:
-            log.error("replica group %d failed to start %d times in a row; dropping it (last: %s)", self.index,
-                      MAX_GROUP_STARTS, reason)
-            return [Gone(reason)]
+        n = self.cfg.replicas.max_start_failures
+        if self.start_failures >= n:
+            log.error("replica group %d failed to start %d times in a row; dropping it (last: %s)", self.index, n,
+                      reason)
+            return [Gone(reason, start_error(self.index, n, reason))]
         log.warning("replica group %d torn down (%s); starting a new one", self.index, reason)
         self.start()
         return [Restarting(reason)]

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable
 
 from dgbatch.config import ConfigError, JobConfig
+from dgbatch.errors import JobError
 from dgbatch.scheduler import JobObserver, Scheduler
 from dgbatch.sizing import batch_size_bound
 
@@ -44,12 +45,82 @@ def init_ray(cfg: JobConfig):
         logging.getLogger("ray._private.worker").addFilter(_PlainText())
     with _keeping_stop_handlers():
         if cfg.ray.address:
-            ray.init(address=cfg.ray.address, log_to_driver=True)
+            with _joining(cfg.ray.address, cfg.ray.connect_timeout_s, "ray.address"):
+                ray.init(address=cfg.ray.address, log_to_driver=True)
         elif os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=True)  # under `ray job submit`, or a cluster the user pointed at
+            with _joining(os.environ["RAY_ADDRESS"], cfg.ray.connect_timeout_s, "RAY_ADDRESS"):
+                ray.init(log_to_driver=True)  # under `ray job submit`, or a cluster the user pointed at
         else:
             start_local_ray(ray, cfg.ray.num_cpus)
     return ray
+
+
+class RayUnreachable(JobError):
+    """ray.address (or RAY_ADDRESS) does not answer."""
+
+
+DEFAULT_PORTS = {"": 6379, "ray": 10001}  # the GCS; Ray Client's server
+
+
+def check_reachable(address: str, timeout: float, what: str) -> None:
+    """Open (and close) a TCP connection to a Ray address within `timeout`, so an address that refuses or does
+    not answer fails in seconds (exit 2), where `ray.init` retries for minutes. 'auto' and 'local' name no host."""
+    import socket
+
+    scheme, _, rest = address.rpartition("://")
+    if address in ("auto", "local") or scheme not in DEFAULT_PORTS:
+        return  # another scheme (e.g. http:// of a job server) is Ray's to refuse
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        host, port = rest.rstrip("/"), str(DEFAULT_PORTS[scheme])
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise RayUnreachable(f"cannot reach the Ray cluster at {what} {address!r} ({host}:{port}): {why} within "
+                             f"{timeout:g} s (ray.connect_timeout_s). Start it (`ray start --head`) or fix {what}: "
+                             "the head's HOST:PORT (port 6379 by default)") from None
+
+
+@contextlib.contextmanager
+def _joining(address: str, timeout: float, what: str):
+    """Join a cluster: its address answers within `timeout` (or exit 2), and what answers is a Ray GCS (Ray gives
+    up on one that is not in about 20 s: one line too, not its traceback)."""
+    check_reachable(address, timeout, what)
+    if "://" not in address and address not in ("auto", "local") and not _gcs_answers(address, timeout):
+        raise RayUnreachable(f"cannot join the Ray cluster at {what} {address!r}: something answers there, but no "
+                             f"Ray GCS within {timeout:g} s (ray.connect_timeout_s); is it a Ray head's GCS address "
+                             "(HOST:PORT, port 6379 by default)?")
+    try:
+        yield
+    except ConnectionError as e:
+        raise RayUnreachable(f"cannot join the Ray cluster at {what} {address!r}: {e}; is it a Ray head's GCS "
+                             "address (HOST:PORT, port 6379 by default)?") from None
+
+
+def _gcs_answers(address: str, timeout: float) -> bool:
+    """Whether a Ray GCS at `address` gives its cluster id within `timeout` (Ray's own client waits ~40 s, and
+    `ray.init` longer). Only silence counts: an error (auth, another protocol) is left to `ray.init` to report."""
+    from ray._raylet import GcsClient
+
+    done = threading.Event()
+    silent: list[bool] = []
+
+    def probe() -> None:
+        try:
+            GcsClient(address=address)
+        except Exception as e:  # noqa: BLE001 - only a timeout means no GCS answers; ray.init says the rest
+            silent.append("Timed out" in str(e))
+        done.set()
+
+    threading.Thread(target=probe, name="dgbatch-gcs-probe", daemon=True).start()
+    return done.wait(timeout) and not any(silent)
+
+
+def started_here(ray) -> bool:
+    """Whether this process started the Ray it is connected to (a local Ray: no other node will join it)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
 
 
 @contextlib.contextmanager
@@ -137,6 +208,7 @@ class ReplicaPool:
 
     def start(self) -> None:
         """Start Ray (or join it) and create the replicas; nothing when already started."""
+        from dgbatch.capacity import check_placeable
         from dgbatch.placement import make_replicas
 
         if self.started:
@@ -145,7 +217,9 @@ class ReplicaPool:
             raise RuntimeError("this replica pool is closed")
         cfg = self.cfg
         t0 = time.time()
-        self.ray = init_ray(cfg)
+        ray = init_ray(cfg)
+        check_placeable(ray, cfg, may_grow=not started_here(ray))  # no node could ever hold one: exit 2 now
+        self.ray = ray
         self.timings = {"ray_init_s": round(time.time() - t0, 3), "ray_up_at": time.time()}
         self.run_id = uuid.uuid4().hex[:8]
         self.handles = make_replicas(self.ray, cfg, self.run_id)

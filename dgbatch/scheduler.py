@@ -10,7 +10,10 @@ attempts per shard:
     Rows(shard, finished, tokens)  rows (and their output tokens) of a shard in flight finished so far
                            (progress, nothing else)
     Restarting(error)      every shard the replica held is lost; it is coming back (an Up follows)
-    Gone(error)            every shard it held is lost; it will not come back
+    Gone(error, why)       every shard it held is lost; it will not come back. `why`: a job-level error
+                           (it could not start, or not be placed) that stops the job once no replica is left
+    Fatal(error, shard)    the job cannot go on (the storage gave up on `shard`'s commit): nothing more
+                           is handed out, and `run` raises `error` (a JobError: exit 2, one line)
 
 A replica holds up to `depth` shards at once (two or more: while one drains, the next fills its
 engine's free slots). A lost or failed shard goes to the back of the queue until it has failed
@@ -19,6 +22,10 @@ never pre-assigned, so a faster replica runs more of them.
 
 What happens to a job's shards is told to one `JobObserver` (the driver's progress, `_progress.json`
 and metrics hang off it), so nothing here knows how it is shown.
+
+A job that stops (Fatal, a replica that could not start, Ctrl-C) may leave shards in flight on replicas
+that other jobs will use (a backfill's pool): the next `run` first waits them out, their results
+discarded, so none of them is taken for a shard of the next job with the same id.
 """
 
 from __future__ import annotations
@@ -65,9 +72,16 @@ class Restarting:
 @dataclass(frozen=True)
 class Gone:
     error: str
+    why: Exception | None = None
 
 
-Outcome = Up | Done | Retry | Rows | Restarting | Gone
+@dataclass(frozen=True)
+class Fatal:
+    error: Exception
+    shard: str | None = None
+
+
+Outcome = Up | Done | Retry | Rows | Restarting | Gone | Fatal
 
 
 class ReplicaHandle(Protocol):
@@ -124,6 +138,7 @@ class Scheduler:
         self.up: set[int] = set()
         self.gone: set[int] = set()
         self.last_error = ""
+        self.stuck: Exception | None = None  # why the last replica gone could not start (Gone.why)
         self._job(deque(), None, 2, None)
 
     def _job(self, queue: deque, job, depth: int, observer: JobObserver | None) -> None:
@@ -134,6 +149,8 @@ class Scheduler:
         self.held: list[set[str]] = [set() for _ in self.handles]  # shards in flight, per replica
         self.attempts: Counter[str] = Counter()
         self.failed: dict[str, str] = {}
+        self.fatal: Exception | None = None  # what stopped this job
+        self.stopped = False  # nothing more is handed out or requeued
 
     @property
     def busy(self) -> bool:
@@ -150,7 +167,7 @@ class Scheduler:
 
     def assign(self) -> None:
         """Hand queued shards to replicas that are up and have room, the emptiest first."""
-        while self.queue:
+        while self.queue and not self.stopped:
             room = [i for i in self.up if len(self.held[i]) < self.depth]
             if not room:
                 return
@@ -174,11 +191,17 @@ class Scheduler:
         elif isinstance(outcome, Rows):
             if outcome.shard in self.held[i]:
                 self.observer.rows(outcome.shard, outcome.finished, outcome.tokens)
+        elif isinstance(outcome, Fatal):
+            if outcome.shard in self.held[i]:
+                self.held[i].discard(outcome.shard)
+                self.observer.rows(outcome.shard, 0, 0)
+            self._stop(outcome.error)
         elif isinstance(outcome, (Restarting, Gone)):
             self.last_error = outcome.error
             self.up.discard(i)
             if isinstance(outcome, Gone):
                 self.gone.add(i)
+                self.stuck = outcome.why
                 log.error("replica %s is gone (%s)", self.handles[i].name, outcome.error)
             self.observer.restarting(self.handles[i].name, outcome.error, isinstance(outcome, Gone))
             lost, self.held[i] = sorted(self.held[i]), set()
@@ -187,7 +210,17 @@ class Scheduler:
                 self._retry_or_fail(shard, outcome.error)
         self._fail_if_no_replica()
 
+    def _stop(self, error: Exception) -> None:
+        """The job cannot go on: hand out nothing more; `run` raises `error` (the first one)."""
+        if self.fatal is None and not self.stopped:
+            log.error("stopping the job: %s", error)
+            self.fatal = error
+        self.stopped = True
+        self.queue.clear()
+
     def _fail_if_no_replica(self) -> None:
+        if len(self.gone) == len(self.handles) and self.stuck is not None:
+            self._stop(self.stuck)  # no replica could start: one line says why, rather than each shard
         if len(self.gone) == len(self.handles) and self.queue:
             for shard in self.queue:
                 self.failed[shard] = f"no replica left to run it; last replica error: {self.last_error}"
@@ -195,6 +228,8 @@ class Scheduler:
             self.queue.clear()
 
     def _retry_or_fail(self, shard: str, reason: str) -> None:
+        if self.stopped:
+            return
         self.attempts[shard] += 1
         if self.attempts[shard] >= self.max_attempts:
             self.failed[shard] = f"failed {self.attempts[shard]} attempts; last: {reason}"
@@ -220,11 +255,25 @@ class Scheduler:
             observer: JobObserver | None = None, timeout: float = 1.0,
             clock: Callable[[], float] = time.time) -> dict[str, str]:
         """Run one job's shards until each is done or failed for good; returns the failed ones (id ->
-        reason), telling `observer` what happens. A replica holds up to `depth` shards at once. The
-        handles must have been started."""
+        reason), telling `observer` what happens, or raises the error that stopped it (Fatal, or no replica
+        could start). A replica holds up to `depth` shards at once. The handles must have been started."""
+        self._drain(wait, timeout, clock)
         self._job(deque(shards), job, depth, observer)
         self._fail_if_no_replica()
-        while self.busy:
+        while self.busy and not self.stopped:
             self.poll(wait, timeout, clock)
             self.observer.round(self)
+        if self.fatal is not None:
+            raise self.fatal
         return self.failed
+
+    def _drain(self, wait: Wait, timeout: float, clock: Callable[[], float]) -> None:
+        """Wait out the shards a stopped job left in flight (bounded by what the handles bound: a shard's
+        generation, storage retries, a replica's restart), discarding their results."""
+        if not any(self.held):
+            return
+        log.info("waiting for %d shard(s) of the stopped job still in flight", sum(map(len, self.held)))
+        self.stopped, self.queue = True, deque()
+        self.observer = JobObserver()  # the stopped job's observer hears no more
+        while any(self.held):
+            self.poll(wait, timeout, clock)

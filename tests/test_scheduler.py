@@ -4,19 +4,24 @@ from __future__ import annotations
 
 from collections import Counter
 
-from dgbatch.scheduler import Done, Gone, JobObserver, Restarting, Retry, Rows, Scheduler, Up
+import pytest
+
+from dgbatch.scheduler import Done, Fatal, Gone, JobObserver, Restarting, Retry, Rows, Scheduler, Up
 
 
 class FakeReplica:
     """A replica that finishes each shard after `polls` rounds. `script` says, per shard, what its
     attempts on this replica do: 'ok' (committed), 'retry' (the shard fails, the replica is fine),
-    'restart' (the replica loses everything it holds and is back two rounds later) or 'gone'."""
+    'restart' (the replica loses everything it holds and is back two rounds later), 'gone', or 'fatal' (the
+    storage gave up on its commit: the job cannot go on). `stuck`: it never comes up (Gone, with a job-level
+    reason, after `stuck` rounds)."""
 
-    def __init__(self, name: str, polls: int = 1, script: dict[str, list[str]] | None = None):
+    def __init__(self, name: str, polls: int = 1, script: dict[str, list[str]] | None = None, stuck: int = 0):
         self.name = name
+        self.stuck = stuck
         self.polls = polls
         self.script = script or {}
-        self.running: dict[str, int] = {}
+        self.running: dict[tuple[str, int], int] = {}  # (shard, submission) -> rounds left
         self.started = self.announced = self.dead = False
         self.down_for = 0
         self.submitted: list[tuple[str, object]] = []
@@ -27,7 +32,7 @@ class FakeReplica:
 
     def submit(self, shard: str, job) -> None:
         assert self.announced and not self.down_for and not self.dead, "a shard went to a replica that is not up"
-        self.running[shard] = self.polls
+        self.running[(shard, len(self.submitted))] = self.polls
         self.submitted.append((shard, job))
         self.max_held = max(self.max_held, len(self.running))
 
@@ -36,6 +41,14 @@ class FakeReplica:
 
     def collect(self, ready: set, now: float) -> list:
         assert self in ready
+        if self.dead:
+            return []
+        if self.stuck:
+            self.stuck -= 1
+            if not self.stuck:
+                self.dead = True
+                return [Gone("AssertionError: Torch not compiled with CUDA enabled", StuckError("could not start"))]
+            return []
         if self.started and not self.announced:
             self.announced = True
             return [Up()]
@@ -43,17 +56,21 @@ class FakeReplica:
             self.down_for -= 1
             return [] if self.down_for else [Up()]
         out = []
-        for shard in list(self.running):
-            self.running[shard] -= 1
-            if self.running[shard] > 0:
-                out.append(Rows(shard, self.polls - self.running[shard], 10 * (self.polls - self.running[shard])))
+        for key in list(self.running):
+            shard, seq = key
+            self.running[key] -= 1
+            if self.running[key] > 0:
+                done_rows = self.polls - self.running[key]
+                out.append(Rows(shard, done_rows, 10 * done_rows))
                 continue
-            del self.running[shard]
+            del self.running[key]
             what = self.script[shard].pop(0) if self.script.get(shard) else "ok"
             if what == "ok":
-                out.append(Done(shard, {"rows": 1, "by": self.name}))
+                out.append(Done(shard, {"rows": 1, "by": self.name, "job": self.submitted[seq][1]}))
             elif what == "retry":
                 out.append(Retry(shard, "ValueError: bad shard"))
+            elif what == "fatal":
+                out.append(Fatal(StorageDown("storage kept failing"), shard))
             elif what == "restart":
                 self.running.clear()
                 self.down_for = 2
@@ -68,12 +85,21 @@ class FakeReplica:
         self.dead = True
 
 
+class StorageDown(Exception):
+    pass
+
+
+class StuckError(Exception):
+    pass
+
+
 class Recorder(JobObserver):
     """Everything the scheduler tells its observer."""
 
     def __init__(self):
         self.done_count: Counter[str] = Counter()
         self.by: dict[str, str] = {}
+        self.of_job: set = set()  # the jobs whose submissions the done shards came from
         self.rows_seen: list[tuple[str, int]] = []
         self.tokens_seen: list[tuple[str, int]] = []
         self.events: list[tuple] = []
@@ -82,6 +108,7 @@ class Recorder(JobObserver):
     def done(self, shard, stats):
         self.done_count[shard] += 1
         self.by[shard] = stats["by"]
+        self.of_job.add(stats["job"])
 
     def rows(self, shard, finished, tokens):
         self.rows_seen.append((shard, finished))
@@ -106,6 +133,7 @@ def run(handles, shards, *, depth=2, max_attempts=3, job="job-1", scheduler=None
     if scheduler is None:
         s.start()
     failed = s.run(shards, job, lambda waitables, timeout: waitables, depth=depth, observer=rec, clock=lambda: 0.0)
+    assert rec.of_job <= {job}, f"a result of another job's shard was taken for {job}'s"
     return failed, rec.done_count, rec.by, rec.rows_seen, s
 
 
@@ -189,3 +217,43 @@ def test_a_second_job_runs_on_the_same_replicas_without_starting_them_again():
     assert failed == {} and set(done1) == set(shards(6)) and set(done2) == {"t0", "t1", "t2"}
     jobs = {shard: job for r in (a, b) for shard, job in r.submitted}
     assert {jobs[x] for x in shards(6)} == {"job-1"} and {jobs[x] for x in ("t0", "t1", "t2")} == {"job-2"}
+
+
+def test_a_fatal_outcome_stops_handing_out_shards_and_run_raises_its_error():
+    r = FakeReplica("r", polls=1, script={"s02": ["fatal"]})
+    with pytest.raises(StorageDown, match="storage kept failing"):
+        run([r], shards(10), depth=1)
+    assert [x for x, _ in r.submitted] == ["s00", "s01", "s02"]  # nothing after the fatal one
+
+
+def test_a_stopped_jobs_shards_in_flight_are_waited_out_before_the_next_job_so_none_is_misattributed():
+    # job 1 stops on a's fatal shard while b still holds s01 (slow); job 2 has a shard named s01 too
+    a, b = FakeReplica("a", polls=1, script={"s00": ["fatal"]}), FakeReplica("b", polls=3)
+    s = Scheduler([a, b])
+    s.start()
+    with pytest.raises(StorageDown):
+        run([a, b], shards(6), depth=1, scheduler=s)
+    assert any(held for held in s.held)  # b's s01 is still running
+    failed, done, _, _, _ = run([a, b], ["s07", "s01"], job="job-2", scheduler=s)  # b gets s01 again
+    assert failed == {} and done == Counter({"s01": 1, "s07": 1})
+    job2 = [(shard, r.name) for r in (a, b) for shard, job in r.submitted if job == "job-2"]
+    assert sorted(x for x, _ in job2) == ["s01", "s07"]
+    assert not any(s.held) and s.fatal is None
+
+
+def test_replicas_that_cannot_start_stop_the_job_with_their_reason_once_none_is_left():
+    a, b = FakeReplica("a", stuck=2), FakeReplica("b", stuck=3)
+    with pytest.raises(StuckError, match="could not start"):
+        run([a, b], shards(4))
+    assert not a.submitted and not b.submitted
+    # the same pool's next job stops at once with the same reason
+    s = Scheduler([a, b])
+    s.gone, s.stuck = {0, 1}, StuckError("could not start")
+    with pytest.raises(StuckError):
+        run([a, b], shards(2), scheduler=s)
+
+
+def test_a_replica_that_cannot_start_is_dropped_while_another_one_runs_the_job():
+    stuck, ok = FakeReplica("stuck", stuck=2), FakeReplica("ok", polls=2)
+    failed, done, by, _, _ = run([stuck, ok], shards(6))
+    assert failed == {} and set(by.values()) == {"ok"} and done == Counter({x: 1 for x in shards(6)})
