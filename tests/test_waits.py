@@ -13,7 +13,7 @@ import pytest
 from dgbatch import cli, driver
 from dgbatch.capacity import Shape, placeable
 from dgbatch.pool import RayUnreachable, check_reachable
-from tests.conftest import DEMO_CONFIG, write_prompts
+from tests.helpers import DEMO_CONFIG, write_prompts
 
 
 def run(capsys, *args) -> tuple[int, str]:
