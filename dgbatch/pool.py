@@ -98,23 +98,23 @@ def _joining(address: str, timeout: float, what: str):
                              "address (HOST:PORT, port 6379 by default)?") from None
 
 
+_GCS_PROBE = "import sys\nfrom ray._raylet import GcsClient\nGcsClient(address=sys.argv[1])\n"
+
+
 def _gcs_answers(address: str, timeout: float) -> bool:
     """Whether a Ray GCS at `address` gives its cluster id within `timeout` (Ray's own client waits ~40 s, and
-    `ray.init` longer). Only silence counts: an error (auth, another protocol) is left to `ray.init` to report."""
-    from ray._raylet import GcsClient
+    `ray.init` longer). Only silence counts: an error (auth, another protocol) is left to `ray.init` to report.
 
-    done = threading.Event()
-    silent: list[bool] = []
+    In a child process: a GcsClient made in this one connects on Ray's singleton IO context, and the
+    `ray.init` that follows then waits forever for its own cluster id (seen on Ray 2.60)."""
+    import subprocess
 
-    def probe() -> None:
-        try:
-            GcsClient(address=address)
-        except Exception as e:  # noqa: BLE001 - only a timeout means no GCS answers; ray.init says the rest
-            silent.append("Timed out" in str(e))
-        done.set()
-
-    threading.Thread(target=probe, name="dgbatch-gcs-probe", daemon=True).start()
-    return done.wait(timeout) and not any(silent)
+    try:
+        subprocess.run([sys.executable, "-c", _GCS_PROBE, address], check=False, capture_output=True,
+                       timeout=timeout + 5)  # + the child's imports
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def started_here(ray) -> bool:
