@@ -27,6 +27,13 @@ from tests.helpers import (
     weed_command,
 )
 
+# The simulated multi-node cluster's tests run in a pytest process of their own (tests/test_simcluster.py):
+# in a process that already ran an in-process Ray (`ray_local`), a driver joining the simulated cluster
+# waited forever in ray.init for the GCS's cluster id (Ray 2.60); in a fresh process it does not.
+SIMCLUSTER_ENV = "DGBATCH_SIMCLUSTER"
+collect_ignore_glob = [] if os.environ.get(SIMCLUSTER_ENV) else ["simcluster/*"]
+
+
 # ---------------------------------------------------------------------------------------------
 # S3: a real SeaweedFS server (`weed mini`), one per test session, on 127.0.0.1 and free ports.
 # ---------------------------------------------------------------------------------------------

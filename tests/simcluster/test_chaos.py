@@ -3,8 +3,8 @@ through injected storage faults (timeouts, SlowDown, 5xx, resets, torn uploads: 
 replicas are killed at random and a whole node is removed. At the end the output ids are the input ids,
 each exactly once, and `_summary.json` accounts for every storage retry and every shard attempt lost.
 
-    pytest tests/test_chaos.py                    # CI: 50 shards, 2 kills, 1 node removed, seed 0
-    DGBATCH_SOAK=1 pytest tests/test_chaos.py -s  # soak: 400 shards, a kill every few seconds, a node
+    DGBATCH_SIMCLUSTER=1 pytest tests/simcluster/test_chaos.py               # CI: 50 shards, 2 kills, 1 node removed, seed 0
+    DGBATCH_SIMCLUSTER=1 DGBATCH_SOAK=1 pytest tests/simcluster/test_chaos.py -s  # soak: 400 shards, a kill every few seconds, a node
                                                   # removed (and added back) three times, a fresh seed
 """
 
