@@ -143,7 +143,7 @@ def test_explicit_credentials(s3_server, s3_bucket, monkeypatch) -> None:
     assert path == url.removeprefix("s3://")
     write_json(fs, path, {"ok": True})
     assert read_json(fs, path) == {"ok": True}
-    assert filesystem(url, storage)[0] is fs  # cached: one client per settings
+    assert filesystem(url, storage)[0].inner is fs.inner  # cached: one client per settings (each call wraps it for retries)
     assert storage_options(url, storage)["endpoint_url"] == s3_server.endpoint_url
 
 
