@@ -125,8 +125,8 @@ def test_ray_job_submit_runs_the_toy_eval_and_a_rescore_with_a_user_scorer(ray_h
 @pytest.mark.slow
 def test_ray_job_stop_ends_the_job_cleanly_and_a_resubmit_resumes(ray_head, tmp_path):
     out, data = tmp_path / "out", tmp_path / "out" / "data"
-    args = ["python", "-m", "jobs.generate", "configs/demo.yaml", f"output.path={out}", "plan.shard_rows=4",
-            "sampling.max_new_tokens=16"]
+    args = ["python", "-m", "jobs.generate", "configs/demo.yaml", f"output.path={out}", "plan.shard_rows=2",
+            "sampling.max_new_tokens=16"]  # ~50 shards: the stop lands mid-job also on a loaded machine
     sid = f"stop-{uuid.uuid4().hex[:8]}"
     job = ray_head.cli("job", "submit", "--no-wait", "--submission-id", sid, "--working-dir", ".", "--", *args)
     assert job.returncode == 0, job.stdout + job.stderr
@@ -143,8 +143,7 @@ def test_ray_job_stop_ends_the_job_cleanly_and_a_resubmit_resumes(ray_head, tmp_
     assert f"interrupted: {committed} of {total} shards committed; rerun the same command to resume" in logs, logs[-3000:]
     assert "SIGTERM received" not in logs and "Traceback" not in logs, logs[-3000:]
     summary = json.loads((out / "_summary.json").read_text())
-    # (under load the last shards may commit while the stop is on its way: the stop is still clean)
-    assert summary["interrupted"] == "SIGTERM" and summary["shards_committed"] == committed <= total
+    assert summary["interrupted"] == "SIGTERM" and summary["shards_committed"] == committed < total
     actors = ray_head.cli("list", "actors", "--filter", "state=ALIVE", "--format", "json")
     assert "replica-" not in actors.stdout, "the stopped job's replicas are still alive"
 
