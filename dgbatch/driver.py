@@ -8,6 +8,7 @@ output root, checked rather than trusted (`dgbatch/commits.py`), so a rerun runs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -19,7 +20,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from dgbatch import __version__, checkpoint, commits, redact
 from dgbatch.config import ConfigError, JobConfig, fingerprint_of
@@ -447,85 +448,107 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaP
     failed: dict[str, str] = {}
     encoding: dict | None = None
     retries: Counter[str] = Counter()  # this run's: shard attempts run again, storage retries by kind
-    try:
+    wrap_up = contextlib.ExitStack()
+    late = StopSignalsNoted()  # from the last shard on, a stop signal is noted: the summary gets written
+    with wrap_up:
         try:
-            if left is None or left[0]:
-                started["pool"] = pool = pool or ReplicaPool(cfg, start=False)
-                fresh = not pool.started
-                pool.start()
-                check_shared_output(pool.ray, cfg)
-        finally:
-            ray_up.set()
-        if planning is not None:
-            plan = planning.result()
-            left = remaining(fs, layout, plan)
-        else:
-            plan = reused
-        t_planned = time.time()
-        todo, committed = left
-        if committed:
-            print(f"resuming: {len(committed)} of {len(plan.shards)} shards already committed, {len(todo)} to run")
-
-        # 3. Replicas pull shards from one queue; a dead replica's shards go back on it.
-        clear_failures(fs, layout)  # last run's failures are retried now; this run records its own
-        if todo:
-            label = redact.scrub(layout.url(fs))  # the job on the metrics
-            context = JobContext(cfg.output.path, layout.root, job_meta(cfg, job.params, plan, job.fingerprint),
-                                 cfg.input.id_column, job.params, plan.longest_prompt, cfg.storage,
-                                 OutputFilter.of(cfg.output), cfg.input, label)
-            before = (0, 0) if own else _prompt_encoding(pool.stats())  # a shared pool's earlier jobs
-            monitor = JobMonitor(progress_of(plan, committed), fs, layout, label, pool.run_id,
-                                 cfg.output.progress_every_s)
-            monitor.metrics.padding(prompt_padding(plan))
-            state = "interrupted"
             try:
-                failed = pool.run(context, todo, observer=monitor)
-                state = "failed" if failed else "finished"
-            except StorageUnavailable as e:  # nothing more can be committed: stop now, keep what is
-                state = "failed"
-                raise StorageUnavailable(
-                    f"{e.line()}. The job stopped early: {monitor.p.rows_committed:,} of {plan.num_rows:,} rows are "
-                    f"committed and kept; rerun the same command once the storage answers") from None
-            except KeyboardInterrupt as e:  # SIGINT / SIGTERM: stop the replicas, say so in the summary
-                _note_stop_signals_only()
-                monitor.close(state)
-                if own:
-                    pool.close()
-                signum = stop_signal() or (e.args[0] if e.args and e.args[0] in STOP_SIGNALS else signal.SIGINT)
+                if left is None or left[0]:
+                    started["pool"] = pool = pool or ReplicaPool(cfg, start=False)
+                    fresh = not pool.started
+                    pool.start()
+                    check_shared_output(pool.ray, cfg)
+            finally:
+                ray_up.set()
+            if planning is not None:
+                plan = planning.result()
+                left = remaining(fs, layout, plan)
+            else:
+                plan = reused
+            t_planned = time.time()
+            todo, committed = left
+            if committed:
+                print(f"resuming: {len(committed)} of {len(plan.shards)} shards already committed, {len(todo)} to run")
+
+            # 3. Replicas pull shards from one queue; a dead replica's shards go back on it.
+            clear_failures(fs, layout)  # last run's failures are retried now; this run records its own
+            if todo:
+                label = redact.scrub(layout.url(fs))  # the job on the metrics
+                context = JobContext(cfg.output.path, layout.root, job_meta(cfg, job.params, plan, job.fingerprint),
+                                     cfg.input.id_column, job.params, plan.longest_prompt, cfg.storage,
+                                     OutputFilter.of(cfg.output), cfg.input, label)
+                before = (0, 0) if own else _prompt_encoding(pool.stats())  # a shared pool's earlier jobs
+                monitor = JobMonitor(progress_of(plan, committed), fs, layout, label, pool.run_id,
+                                     cfg.output.progress_every_s)
+                monitor.metrics.padding(prompt_padding(plan))
+                state = "interrupted"
+                try:
+                    failed = pool.run(context, todo, observer=monitor)
+                    state = "failed" if failed else "finished"
+                    wrap_up.enter_context(late)
+                except StorageUnavailable as e:  # nothing more can be committed: stop now, keep what is
+                    state = "failed"
+                    raise StorageUnavailable(
+                        f"{e.line()}. The job stopped early: {monitor.p.rows_committed:,} of {plan.num_rows:,} rows are "
+                        f"committed and kept; rerun the same command once the storage answers") from None
+                except KeyboardInterrupt as e:  # SIGINT / SIGTERM: stop the replicas, say so in the summary
+                    with StopSignalsNoted():  # a second Ctrl-C must not cut the summary short
+                        monitor.close(state)
+                        if own:
+                            pool.close()
+                        signum = stop_signal() or (e.args[0] if e.args and e.args[0] in STOP_SIGNALS else signal.SIGINT)
+                        retries.update(monitor.storage_retries)
+                        retries["shard_attempts"] += sum(pool.scheduler.attempts.values())
+                        summarize(fs, layout, plan, {}, t_start, len(todo), cfg=cfg, done_before=committed,
+                                  retries=retries, interrupted=signal.Signals(signum).name)
+                    raise
+                finally:
+                    monitor.close(state)
                 retries.update(monitor.storage_retries)
                 retries["shard_attempts"] += sum(pool.scheduler.attempts.values())
-                summarize(fs, layout, plan, {}, t_start, len(todo), cfg=cfg, done_before=committed, retries=retries,
-                       interrupted=signal.Signals(signum).name)
-                raise
-            finally:
-                monitor.close(state)
-            retries.update(monitor.storage_retries)
-            retries["shard_attempts"] += sum(pool.scheduler.attempts.values())
-            after = _prompt_encoding(pool.stats())
-            encoding = {"prompt_tokens": after[0] - before[0], "encoded_prompt_tokens": after[1] - before[1]}
-            if fresh:  # (a shared pool started before this job: its start-up is not this job's)
-                _log_start_up(t_start, t_checked, t_planned, pool)
-        if failed:
-            lost = sum(s.rows for s in todo if s.shard_id in failed)
-            log.error("%d shard(s) (%d rows) failed: %s", len(failed), lost, ", ".join(sorted(failed)))
-    finally:
-        if own and "pool" in started:
-            started["pool"].close()
-    record_failures(fs, layout, failed)
+                after = _prompt_encoding(pool.stats())
+                encoding = {"prompt_tokens": after[0] - before[0], "encoded_prompt_tokens": after[1] - before[1]}
+                if fresh:  # (a shared pool started before this job: its start-up is not this job's)
+                    _log_start_up(t_start, t_checked, t_planned, pool)
+            if failed:
+                lost = sum(s.rows for s in todo if s.shard_id in failed)
+                log.error("%d shard(s) (%d rows) failed: %s", len(failed), lost, ", ".join(sorted(failed)))
+        finally:
+            if own and "pool" in started:
+                started["pool"].close()
+        record_failures(fs, layout, failed)
 
-    # 4. Summary over all committed shards, this run's and earlier ones'.
-    return summarize(fs, layout, plan, failed, t_start, len(todo), cfg=cfg, done_before=committed,
-                  prompt_encoding=encoding, retries=retries)
+        # 4. Summary over all committed shards, this run's and earlier ones'.
+        code = summarize(fs, layout, plan, failed, t_start, len(todo), cfg=cfg, done_before=committed,
+                         prompt_encoding=encoding, retries=retries)
+    if late.received:  # the job is done and summarized; the stop still stops a caller running more jobs
+        raise KeyboardInterrupt(late.received)
+    return code
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _note_stop_signals_only() -> None:
-    """A second Ctrl-C while a stopped job writes its summary must not cut it short (it is only noted)."""
-    if threading.current_thread() is threading.main_thread():
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, lambda signum, frame: note_stop_signal(signum))
+class StopSignalsNoted:
+    """While a job writes its last files, SIGINT / SIGTERM are noted (`received`: the first), not raised, so
+    the summary is never cut short; the handlers before are restored on exit."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.before: dict = {}
+
+    def _note(self, signum, frame) -> None:
+        note_stop_signal(signum)
+        self.received = self.received or signum
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            self.before = {sig: signal.signal(sig, self._note) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.before.items():
+            signal.signal(sig, handler)
 
 
 def check_shared_output(ray, cfg: JobConfig) -> None:

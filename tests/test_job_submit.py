@@ -125,8 +125,12 @@ def test_ray_job_submit_runs_the_toy_eval_and_a_rescore_with_a_user_scorer(ray_h
 @pytest.mark.slow
 def test_ray_job_stop_ends_the_job_cleanly_and_a_resubmit_resumes(ray_head, tmp_path):
     out, data = tmp_path / "out", tmp_path / "out" / "data"
-    args = ["python", "-m", "jobs.generate", "configs/demo.yaml", f"output.path={out}", "plan.shard_rows=2",
-            "sampling.max_new_tokens=16"]  # ~50 shards: the stop lands mid-job also on a loaded machine
+    # 240 one-row shards (~15 s of work on a quiet machine, at one row a step): the stop lands mid-job even
+    # though `ray job stop` takes seconds to start; the demo's 96 rows run in under 2 s.
+    rows = 240
+    prompts = write_prompts(tmp_path / "in.parquet", [f"repeat: {'abcdef'[i % 6] * (1 + i % 5)}" for i in range(rows)])
+    args = ["python", "-m", "jobs.generate", "configs/demo.yaml", f"input.path={prompts}", f"output.path={out}",
+            "plan.shard_rows=1", "engine.batch_size=1", "sampling.max_new_tokens=32"]
     sid = f"stop-{uuid.uuid4().hex[:8]}"
     job = ray_head.cli("job", "submit", "--no-wait", "--submission-id", sid, "--working-dir", ".", "--", *args)
     assert job.returncode == 0, job.stdout + job.stderr
@@ -150,8 +154,8 @@ def test_ray_job_stop_ends_the_job_cleanly_and_a_resubmit_resumes(ray_head, tmp_
     job = ray_head(*args)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert f"resuming: {committed} of {total} shards already committed" in job.stdout
-    rows = read_output(out).to_pylist()
-    assert len(rows) == 96 and len({r["id"] for r in rows}) == 96
+    written = read_output(out).to_pylist()
+    assert len(written) == rows and len({r["id"] for r in written}) == rows
 # ---- watching a submitted job: its log, its _progress.json, its metrics ------------------------------
 
 WATCHED_ROWS = 96

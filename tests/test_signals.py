@@ -83,3 +83,25 @@ def test_sigint_and_sigterm_stop_the_job_cleanly_and_each_rerun_resumes(tmp_path
     ids = read_output(out).column("id").to_pylist()
     assert sorted(ids) == sorted(f"in.parquet:{i}" for i in range(24))
     assert json.loads((out / "_summary.json").read_text())["interrupted"] is None
+
+
+def test_a_stop_signal_while_a_job_writes_its_last_files_is_noted_not_raised_and_the_handlers_come_back():
+    """The window after the last shard (replicas closed, summary written): a stop landing there must not
+    leave a finished job without its summary; it is remembered and acted on once the files are written."""
+    from dgbatch import errors
+    from dgbatch.driver import StopSignalsNoted
+
+    before = signal.getsignal(signal.SIGTERM)
+    noted = list(errors._stop_signals)
+    try:
+        with StopSignalsNoted() as late:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # the handler runs in the main thread between bytecodes
+            assert late.received == signal.SIGTERM
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+        assert errors.stop_signal() == signal.SIGTERM
+    finally:
+        errors._stop_signals[:] = noted  # this process was not really stopped
+    assert late.received == signal.SIGTERM, "the first stop signal decides"
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -48,23 +48,35 @@ class Chaos:
             while self.proc.poll() is None and self.committed() < every * (i + 1):
                 time.sleep(0.2)
             time.sleep(self.rng.uniform(0, 1.5))
+            # An event waits until it has something to hit (a replica between restarts has no process yet).
+            while self.proc.poll() is None and not self.strike(event):
+                time.sleep(0.2)
             if self.proc.poll() is not None:
                 return
-            hosts = {n: r for n in self.sim.nodes() if (r := self.sim.replicas_on(n))}
-            workers = sorted((n for n in hosts if n is not self.sim.cluster.head_node), key=lambda n: n.unique_id)
-            if event == "kill" and hosts:
-                victim = self.rng.choice(sorted((p for r in hosts.values() for p in r), key=lambda p: p.pid))
-                self.killed.add(victim.pid)
+
+    def strike(self, event: str) -> bool:
+        """Kill a replica or remove a node that hosts one; False when none is there to hit right now."""
+        hosts = {n: r for n in self.sim.nodes() if (r := self.sim.replicas_on(n))}
+        workers = sorted((n for n in hosts if n is not self.sim.cluster.head_node), key=lambda n: n.unique_id)
+        if event == "kill" and hosts:
+            victim = self.rng.choice(sorted((p for r in hosts.values() for p in r), key=lambda p: p.pid))
+            try:
                 os.kill(victim.pid, signal.SIGKILL)
-                self.kills += 1
-                self.events.append(f"killed replica pid {victim.pid} at {self.committed()} commits")
-            elif event == "node" and workers:
-                node = self.rng.choice(workers)
-                self.killed.update(p.pid for p in hosts[node])
-                self.sim.remove_node(node)
-                self.node_losses += 1
-                self.events.append(f"removed a node ({len(hosts[node])} replica(s)) at {self.committed()} commits")
-                self.sim.add_node()  # a replacement joins, as an autoscaler's would
+            except ProcessLookupError:  # it died on its own between the listing and the kill
+                return False
+            self.killed.add(victim.pid)
+            self.kills += 1
+            self.events.append(f"killed replica pid {victim.pid} at {self.committed()} commits")
+            return True
+        if event == "node" and workers:
+            node = self.rng.choice(workers)
+            self.killed.update(p.pid for p in hosts[node])
+            self.sim.remove_node(node)
+            self.node_losses += 1
+            self.events.append(f"removed a node ({len(hosts[node])} replica(s)) at {self.committed()} commits")
+            self.sim.add_node()  # a replacement joins, as an autoscaler's would
+            return True
+        return False
 
 
 def test_a_seeded_chaos_run_loses_and_duplicates_nothing_and_accounts_for_every_retry(
