@@ -225,10 +225,35 @@ def check_parallel(cfg: JobConfig, path: Path) -> None:
         raise ConfigError(f"model.path {cfg.model.path!r}: {e}") from None
 
 
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
+# What AutoTokenizer builds for a DiffusionGemma checkpoint whose tokenizer_config.json names one of these
+# classes (and no auto_map): that class; TokenizersBackend for the generic names (tests/test_checkpoint.py
+# checks both against AutoTokenizer).
+_PLAIN_TOKENIZERS = {"TokenizersBackend": "TokenizersBackend", "PreTrainedTokenizerFast": "TokenizersBackend",
+                     "GemmaTokenizer": "GemmaTokenizer", "GemmaTokenizerFast": "GemmaTokenizer"}
 
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+
+def plain_tokenizer_class(path: Path) -> str | None:
+    """The transformers class AutoTokenizer would load for this checkpoint, where that is plain from its files
+    alone; None where only AutoTokenizer can tell (other model types, custom code, no tokenizer_class)."""
+    try:
+        named = json.loads((path / "tokenizer_config.json").read_text())
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+    if model_type != "diffusion_gemma" or "auto_map" in named:
+        return None
+    return _PLAIN_TOKENIZERS.get(named.get("tokenizer_class"))
+
+
+def load_tokenizer(path: Path):
+    """The checkpoint's tokenizer, as AutoTokenizer builds it. Where its class is plain from the files, loaded
+    through that class: AutoTokenizer reads the model config first, and that imports torch (~4 s of a job's
+    start-up on 2 cores, in a driver that never runs the model)."""
+    import transformers
+
+    if name := plain_tokenizer_class(path):
+        return getattr(transformers, name).from_pretrained(str(path), trust_remote_code=False)
+    return transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
 def check_tokenizer(path: Path, shown: str):

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from dgbatch import __version__, checkpoint, commits, redact
 from dgbatch.config import ConfigError, JobConfig, fingerprint_of
@@ -541,7 +541,7 @@ class StopSignalsNoted:
         note_stop_signal(signum)
         self.received = self.received or signum
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> StopSignalsNoted:  # noqa: PYI034 - py3.10 has no typing.Self
         if threading.current_thread() is threading.main_thread():
             self.before = {sig: signal.signal(sig, self._note) for sig in STOP_SIGNALS}
         return self

@@ -138,6 +138,11 @@ def _keeping_stop_handlers():
 
 
 LOCAL_HOST = "127.0.0.1"
+# A local Ray's workers import what a replica imports before its model loads (~4.5 s on 2 cores) as they
+# start, while Ray finishes starting, rather than in the replica's __init__; and no worker is started for
+# the driver beside the replica's, to import the same on the same cores (BENCHMARKS.md, issue 13).
+REPLICA_IMPORTS = ("torch", "transformers.models.diffusion_gemma.modeling_diffusion_gemma")
+LOCAL_RAY_SYSTEM_CONFIG = {"preload_python_modules": list(REPLICA_IMPORTS), "prestart_worker_first_driver": False}
 
 
 def start_local_ray(ray, num_cpus: int | None, log_to_driver: bool = True) -> None:
@@ -159,7 +164,7 @@ def start_local_ray(ray, num_cpus: int | None, log_to_driver: bool = True) -> No
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host=LOCAL_HOST, _node_ip_address=LOCAL_HOST,
-                 log_to_driver=log_to_driver)
+                 log_to_driver=log_to_driver, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = before
 

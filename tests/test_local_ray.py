@@ -28,3 +28,19 @@ def test_local_ray_listens_on_loopback_only():
     assert any(p.startswith("ray::") for p in processes), found  # and its workers / agents
     assert found["exposed"] == [], f"Ray processes listening beyond loopback: {found['exposed']}"
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_local_rays_workers_start_with_the_replica_imports_done(ray_local):
+    """A replica's imports (torch, the model class: ~4.5 s here) run as its worker process starts, while Ray
+    finishes starting and the driver plans, not in the replica's __init__."""
+    import uuid
+
+    from dgbatch.pool import REPLICA_IMPORTS
+
+    @ray_local.remote
+    def imported_at_entry(names):
+        return {n: n in sys.modules for n in names}
+
+    fresh = {"env_vars": {"DGBATCH_TEST_FRESH_WORKER": uuid.uuid4().hex}}  # a new worker process, no task before
+    seen = ray_local.get(imported_at_entry.options(runtime_env=fresh).remote(REPLICA_IMPORTS), timeout=300)
+    assert seen == dict.fromkeys(REPLICA_IMPORTS, True)

@@ -1,9 +1,11 @@
 """The shipped toy checkpoint is a real DiffusionGemma and is good at its task family."""
 
 import json
+import os
 
 from dgbatch.toy.evaluate import evaluate, load
 from dgbatch.toy.tasks import answer_for, sample_examples
+from tests.helpers import REPO
 
 
 def test_loads_through_standard_transformers_apis(toy_model_dir):
@@ -39,3 +41,51 @@ def test_accuracy_bar_on_a_fixed_sample(toy_model_dir):
     assert all(acc >= 0.80 for acc in r["per_task"].values()), r
     assert r["mean_tokens_per_forward"] >= 2.0, r
 
+
+
+def _copy_with_tokenizer_class(src, dest, tokenizer_class):
+    import shutil
+
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("model.safetensors"))
+    conf = json.loads((dest / "tokenizer_config.json").read_text())
+    conf["tokenizer_class"] = tokenizer_class
+    (dest / "tokenizer_config.json").write_text(json.dumps(conf))
+    return dest
+
+
+def test_the_drivers_tokenizer_is_the_one_autotokenizer_builds(toy_model_dir, tmp_path):
+    """The driver and planner load the tokenizer without AutoTokenizer (which imports torch); it must be the
+    same tokenizer: same class, same ids, same chat rendering, same special tokens."""
+    from transformers import AutoTokenizer
+
+    from dgbatch.checkpoint import load_tokenizer, plain_tokenizer_class
+
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "repeat: abc"}]
+    texts = ["repeat: abc", "count: a a b", "Übersetze: ça va? 東京 🙂", " leading and  double  spaces "]
+    dirs = [toy_model_dir, _copy_with_tokenizer_class(toy_model_dir, tmp_path / "gemma", "GemmaTokenizer"),
+            _copy_with_tokenizer_class(toy_model_dir, tmp_path / "fast", "PreTrainedTokenizerFast")]
+    for d in dirs:
+        assert plain_tokenizer_class(d) is not None, d
+        ours, auto = load_tokenizer(d), AutoTokenizer.from_pretrained(str(d))
+        assert type(ours) is type(auto), d
+        assert [ours(t)["input_ids"] for t in texts] == [auto(t)["input_ids"] for t in texts]
+        assert ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
+            auto.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        assert ours.all_special_ids == auto.all_special_ids and ours.padding_side == auto.padding_side
+        assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == \
+            (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id)
+    # Anything less plain is AutoTokenizer's to decide.
+    conf = json.loads((dirs[1] / "tokenizer_config.json").read_text())
+    (dirs[1] / "tokenizer_config.json").write_text(json.dumps({**conf, "auto_map": {"AutoTokenizer": ["x", None]}}))
+    assert plain_tokenizer_class(dirs[1]) is None
+
+
+def test_checking_the_tokenizer_imports_no_torch(toy_model_dir):
+    import subprocess
+    import sys
+
+    code = ("import sys; from dgbatch.checkpoint import check_tokenizer; from pathlib import Path; "
+            f"check_tokenizer(Path({str(toy_model_dir)!r}), 'toy'); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
