@@ -46,6 +46,7 @@ STEPS_BOUNDARIES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 SPECS = [
     # the driver's
     Spec("dgbatch_rows", "counter", JOB, "Rows committed (error rows included)"),
+    Spec("dgbatch_error_rows", "counter", JOB, "Committed rows that are error records (a bad row, not a crash)"),
     Spec("dgbatch_output_tokens", "counter", JOB, "Output tokens of the committed rows"),
     Spec("dgbatch_shards_done", "counter", JOB, "Shards committed"),
     Spec("dgbatch_shards_failed", "counter", JOB, "Shards that failed for good (after their attempts)"),
@@ -121,6 +122,7 @@ class DriverMetrics:
 
     def committed(self, stats: dict) -> None:
         self.m.inc("dgbatch_rows", stats["rows"], self.tags)
+        self.m.inc("dgbatch_error_rows", stats.get("error_rows", 0), self.tags)
         self.m.inc("dgbatch_output_tokens", stats["output_tokens"], self.tags)
         self.m.inc("dgbatch_shards_done", 1, self.tags)
 

@@ -182,7 +182,9 @@ def watched_job(ray_head, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("watched")
     out = tmp / "out"
-    data = write_prompts(tmp / "in.parquet", [e.prompt for e in sample_examples(WATCHED_ROWS, 5)])
+    prompts = [e.prompt for e in sample_examples(WATCHED_ROWS, 5)]
+    prompts[7] = None  # one bad row: an error record, counted as one
+    data = write_prompts(tmp / "in.parquet", prompts)
     result: dict = {}
     entry = ("python", "-m", "jobs.generate", "configs/demo.yaml", f"input.path={data}", f"output.path={out}",
              f"plan.shard_rows={WATCHED_ROWS}", "plan.bucket_edges=[]", "engine.batch_size=2",
@@ -250,6 +252,7 @@ def test_metrics_reach_rays_metrics_export_and_agree_with_the_summary(watched_jo
     job, final, summary = str(watched_job["out"]), watched_job["final"], watched_job["summary"]
     generated = summary["rows"] - summary["failed_rows"]
     assert metric_sum(final, "ray_dgbatch_rows_total", job) == summary["rows"] == WATCHED_ROWS
+    assert metric_sum(final, "ray_dgbatch_error_rows_total", job) == summary["failed_rows"] == 1
     assert metric_sum(final, "ray_dgbatch_output_tokens_total", job) == summary["output_tokens"] > 0
     assert metric_sum(final, "ray_dgbatch_shards_done_total", job) == summary["shards"] == 1
     assert metric_sum(final, "ray_dgbatch_shards_failed_total", job) == 0
