@@ -100,7 +100,7 @@ class _Metrics:
         self.m[name].observe(value, tags=tags)
 
 
-_DRIVER = ["dgbatch_rows", "dgbatch_output_tokens", "dgbatch_shards_done", "dgbatch_shards_failed",
+_DRIVER = ["dgbatch_rows", "dgbatch_error_rows", "dgbatch_output_tokens", "dgbatch_shards_done", "dgbatch_shards_failed",
            "dgbatch_shards_retried", "dgbatch_replica_restarts", "dgbatch_shards_in_flight", "dgbatch_rows_planned",
            "dgbatch_rows_finished", "dgbatch_eta_seconds", "dgbatch_prompt_padding"]
 _REPLICA = [s.name for s in SPECS if s.name not in _DRIVER]

@@ -21,11 +21,16 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 from dgbatch.config import JobConfig
 from dgbatch.generation import SamplingParams
 from dgbatch.shard import JobContext
 from dgbatch.stream import LockstepError, StreamBroken  # noqa: F401 - re-exported: what a replica raises
+
+if TYPE_CHECKING:
+    from dgbatch.metrics import ReplicaReporter
+    from dgbatch.stream import ShardStream
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +111,30 @@ def with_retries(stats: dict) -> dict:
     return {**stats, "storage_retries": retry.drain()}
 
 
-class Replica:
+class Serving:
+    """What the driver calls on a process that runs a replica's stream: a single-device replica, or the
+    leader of a parallel one (whose shards every rank runs with it)."""
+
+    stream: ShardStream
+    reporter: ReplicaReporter
+    timings: dict
+
+    def run_shard(self, shard_id: str, job: JobContext) -> dict:
+        """Run and commit one shard; its stats."""
+        return with_retries(self.stream.run_shard(shard_id, job))
+
+    def progress(self) -> dict[str, tuple[int, int]]:
+        return self.stream.progress()
+
+    def flush_metrics(self) -> None:
+        """Record the metrics of what happened since the last report now (before the actor is killed)."""
+        self.reporter.report()
+
+    def stats(self) -> dict:
+        return {**self.stream.stats.to_dict(), **self.timings}
+
+
+class Replica(Serving):
     """A single-device replica: its model is loaded in `__init__` (as soon as the driver creates it)."""
 
     def __init__(self, cfg: JobConfig):
@@ -122,18 +150,6 @@ class Replica:
         """Start-up timings: the process start, when __init__ began and ended, imports and model load."""
         return self.timings
 
-    def run_shard(self, shard_id: str, job: JobContext) -> dict:
-        return with_retries(self.stream.run_shard(shard_id, job))
-
-    def progress(self) -> dict[str, tuple[int, int]]:
-        return self.stream.progress()
-
-    def flush_metrics(self) -> None:
-        """Record the metrics of what happened since the last report now (before the actor is killed)."""
-        self.reporter.report()
-
-    def stats(self) -> dict:
-        return {**self.stream.stats.to_dict(), **self.timings}
 
 
 def _reporter(stream):
@@ -168,7 +184,7 @@ def process_start() -> float | None:
 # ---- tensor / expert parallel replicas ------------------------------------------------------------
 
 
-class ReplicaRank:
+class ReplicaRank(Serving):
     """One rank of a parallel replica. Lifecycle: `__init__` (cheap) -> rank 0's `rendezvous` ->
     every rank's `setup(address)` (joins the process group, loads and shards the model; the leader
     starts its loop) -> every follower's `follow` (runs the loop until the group is torn down) ->
@@ -224,16 +240,3 @@ class ReplicaRank:
         """A follower: the leader's loop, step for step, until the group is torn down."""
         self.stream.follow()
 
-    def run_shard(self, shard_id: str, job: JobContext) -> dict:
-        """The leader only: run and commit one shard with every rank; returns its stats."""
-        return with_retries(self.stream.run_shard(shard_id, job))
-
-    def progress(self) -> dict[str, tuple[int, int]]:
-        return self.stream.progress()
-
-    def flush_metrics(self) -> None:
-        """The leader: record its metrics now (before the group is torn down)."""
-        self.reporter.report()
-
-    def stats(self) -> dict:
-        return {**self.stream.stats.to_dict(), **self.timings}

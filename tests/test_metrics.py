@@ -4,7 +4,7 @@ import json
 import re
 from pathlib import Path
 
-from dgbatch.metrics import SPECS
+from dgbatch.metrics import _DRIVER, SPECS
 
 REPO = Path(__file__).resolve().parent.parent
 HISTOGRAM_SERIES = re.compile(r"_(bucket|count|sum)$")
@@ -19,8 +19,9 @@ def test_the_readme_documents_every_metric_with_its_type_and_labels():
                       flags=re.MULTILINE)
     assert {name for name, *_ in rows} == exported() and len(rows) == len(SPECS)
     by_name = {s.exported: s for s in SPECS}
-    for name, kind, labels, _ in rows:
+    for name, kind, labels, source in rows:
         assert kind == by_name[name].kind and tuple(labels.split(", ")) == by_name[name].labels, name
+        assert source == ("driver" if by_name[name].name in _DRIVER else "replica"), name
 
 
 def test_the_grafana_dashboard_queries_exactly_the_metrics_the_code_defines():
