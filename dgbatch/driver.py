@@ -330,11 +330,12 @@ def remaining(fs, layout: Layout, plan: Plan) -> tuple[list[ShardMeta], set[str]
 
 def make_plan(
     ray, cfg: JobConfig, fs, layout: Layout, model_dir, max_prompt: int, inp: InputPlan | None = None,
-    identity: dict[str, Any] | None = None, tokenizer=None,
+    identity: dict[str, Any] | None = None, tokenizer=None, retries: Counter[str] | None = None,
 ) -> Plan:
     """The stored plan if it was made from this input with these settings, else a new one. One input
     fragment is planned in this process, several in Ray tasks. `ray`: the ray module, a callable returning
-    it once Ray is up (planning can then start before Ray has), or None (every fragment in this process)."""
+    it once Ray is up (planning can then start before Ray has), or None (every fragment in this process).
+    `retries` gets the storage retries the planning tasks made (this process's own stay in `retry`)."""
     inp = inp or inspect_input(cfg.input, cfg.storage, cfg.plan.fragment_rows)
     identity = identity if identity is not None else cfg.identity({"model.max_prompt_tokens": max_prompt})
     plan_id = fingerprint_of(plan_identity(identity, inp))
@@ -346,7 +347,8 @@ def make_plan(
     edges = bucket_edges(cfg, inp, tokenizer or checkpoint.load_tokenizer(model_dir), max_prompt,
                          image_tokens(model_dir))
     try:
-        shards = _plan_fragments(ray, cfg, inp, (edges, str(model_dir), max_prompt, layout.root))
+        shards = _plan_fragments(ray, cfg, inp, (edges, str(model_dir), max_prompt, layout.root),
+                                 retries if retries is not None else Counter())
     except Exception as e:
         cause = root_cause(e)
         if isinstance(cause, JobError):
@@ -364,8 +366,9 @@ def make_plan(
     return plan
 
 
-def _plan_fragments(ray, cfg: JobConfig, inp: InputPlan, args: tuple) -> list[ShardMeta]:
+def _plan_fragments(ray, cfg: JobConfig, inp: InputPlan, args: tuple, retries: Counter[str]) -> list[ShardMeta]:
     """Plan every fragment: Ray tasks, or in this process for one fragment (or without Ray: `ray` None).
+    Each task's storage retries are added to `retries`.
 
     With `input.id_column`, ids are checked across fragments too, by hashed partitions: each task returns
     its digests per partition (as separate objects), one task per partition looks for repeats; the driver
@@ -379,8 +382,11 @@ def _plan_fragments(ray, cfg: JobConfig, inp: InputPlan, args: tuple) -> list[Sh
         if local:
             results = [plan_fragment(cfg, f, *args) for f in frags]
         else:
-            task = ray.remote(plan_fragment).options(num_cpus=1, max_retries=2)
-            results = ray.get([task.remote(cfg, f, *args) for f in frags])
+            task = ray.remote(_counting_retries(plan_fragment)).options(num_cpus=1, max_retries=2, num_returns=2)
+            refs = [task.remote(cfg, f, *args) for f in frags]
+            results = ray.get([r[0] for r in refs])
+            for counts in ray.get([r[1] for r in refs]):
+                retries.update(counts)
         return [ShardMeta.from_dict(m) for metas in results for m in metas]
     parts = ids.num_parts(inp.num_rows)
     if local:
@@ -388,14 +394,29 @@ def _plan_fragments(ray, cfg: JobConfig, inp: InputPlan, args: tuple) -> list[Sh
         results = [o[0] for o in outs]
         pairs = [p for i in range(parts) for p in ids.duplicates(*[o[1 + i] for o in outs])]
     else:
-        task = ray.remote(plan_fragment_with_id_digests).options(num_cpus=1, max_retries=2, num_returns=1 + parts)
+        task = ray.remote(_counting_retries(plan_fragment_with_id_digests)).options(
+            num_cpus=1, max_retries=2, num_returns=2 + parts)
         refs = [task.remote(cfg, f, *args, parts) for f in frags]
         results = ray.get([r[0] for r in refs])
+        for counts in ray.get([r[-1] for r in refs]):
+            retries.update(counts)
         check = ray.remote(ids.duplicates).options(num_cpus=1)
         pairs = [p for found in ray.get([check.remote(*[r[1 + i] for r in refs]) for i in range(parts)])
                  for p in found]
     _refuse_duplicate_ids(cfg, inp, pairs)
     return [ShardMeta.from_dict(m) for metas in results for m in metas]
+
+
+def _counting_retries(fn):
+    """`fn` as a planning task that also returns, last, the storage retries its worker made meanwhile: they
+    would otherwise stay in the worker, uncounted in the job's summary."""
+
+    def task(*args):
+        out = fn(*args)
+        return (*out, retry.drain()) if isinstance(out, tuple) else (out, retry.drain())
+
+    task.__name__ = task.__qualname__ = fn.__name__  # what Ray names the task
+    return task
 
 
 def _refuse_duplicate_ids(cfg: JobConfig, inp: InputPlan, pairs: list) -> None:
@@ -439,9 +460,11 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaP
     ray_up = threading.Event()
     started: dict = {}
     planning = None
+    planned_retries: Counter[str] = Counter()  # the planning tasks' storage retries
     if reused is None:
         planning = Background(lambda: make_plan(lambda: ray_up.wait() and started["pool"].ray, cfg, fs, layout,
-                                                job.model_dir, job.max_prompt, job.inp, job.identity, job.tokenizer),
+                                                job.model_dir, job.max_prompt, job.inp, job.identity, job.tokenizer,
+                                                planned_retries),
                               "dgbatch-plan")
     own = pool is None
     fresh = False  # the pool's start-up is this job's: it started the pool (its own, or a shared one not yet up)
@@ -462,6 +485,7 @@ def run(cfg: JobConfig, extra_columns: Mapping[str, str] = {}, *, pool: ReplicaP
                 ray_up.set()
             if planning is not None:
                 plan = planning.result()
+                retries.update(planned_retries)
                 left = remaining(fs, layout, plan)
             else:
                 plan = reused

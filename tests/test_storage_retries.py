@@ -191,3 +191,28 @@ def _data_files(raw, root: str) -> list[str]:
         return [p for p in raw.ls(f"{root}/data", detail=False) if p.endswith(".parquet")]
     except FileNotFoundError:
         return []
+
+
+def test_the_planning_tasks_storage_retries_are_counted_in_the_summary(s3_server, s3_bucket, tmp_path,
+                                                                       toy_model_dir):
+    """Four input fragments are planned by Ray tasks, writing their shards through injected faults: every
+    fault any process met (driver, planning workers, replica) is one retry in `_summary.json`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inp = tmp_path / "in.parquet"  # four row groups: four fragments, planned by Ray tasks
+    pq.write_table(pa.table({"prompt": [f"repeat: {'abcdefgh'[: 1 + i % 8]}" for i in range(16)]}), inp,
+                   row_group_size=4)
+    out = f"{s3_bucket}/planned"
+    log = tmp_path / "faults.jsonl"
+    spec = FaultSpec(seed=3, rate=0.5, paths=r"/_plan(/|$)", log=str(log))
+    cmd = _cmd(toy_model_dir, inp, out, "plan.fragment_rows=4", "storage.retries=10", "storage.retry_max_s=1")
+    job = subprocess.run(cmd, env=_env(s3_server, spec), capture_output=True, text=True, timeout=600, check=False)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    raw, root = s3(s3_server, out)
+    summary = json.loads(raw.cat_file(f"{root}/_summary.json"))
+    faults = [e for e in read_log(log) if "kind" in e]
+    assert len(faults) >= 5, "too few faults to say anything"
+    assert len({e["pid"] for e in faults}) >= 3, "the faults should reach the planning workers too"
+    assert summary["retries"]["storage"]["total"] == len(faults), (summary["retries"], len(faults))
+    assert summary["retries"]["storage"]["gave_up"] == 0 and summary["rows"] == 16
