@@ -232,9 +232,10 @@ _PLAIN_TOKENIZERS = {"TokenizersBackend": "TokenizersBackend", "PreTrainedTokeni
                      "GemmaTokenizer": "GemmaTokenizer", "GemmaTokenizerFast": "GemmaTokenizer"}
 
 
-def plain_tokenizer_class(path: Path) -> str | None:
+def plain_tokenizer_class(path: Path | str) -> str | None:
     """The transformers class AutoTokenizer would load for this checkpoint, where that is plain from its files
     alone; None where only AutoTokenizer can tell (other model types, custom code, no tokenizer_class)."""
+    path = Path(path)
     try:
         named = json.loads((path / "tokenizer_config.json").read_text())
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
@@ -245,7 +246,7 @@ def plain_tokenizer_class(path: Path) -> str | None:
     return _PLAIN_TOKENIZERS.get(named.get("tokenizer_class"))
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path | str):
     """The checkpoint's tokenizer, as AutoTokenizer builds it. Where its class is plain from the files, loaded
     through that class: AutoTokenizer reads the model config first, and that imports torch (~4 s of a job's
     start-up on 2 cores, in a driver that never runs the model)."""
