@@ -252,8 +252,10 @@ class SingleReplica:
     def flush_metrics(self):
         return self.actor.flush_metrics.remote()
 
-    def kill(self) -> None:
+    def kill(self) -> list:
+        """Kill the replica; refs that resolve (to an error) once its process is gone."""
         self.ray.kill(self.actor)
+        return [self.actor.stats.remote()]
 
     def describe(self) -> str:
         return self.name
@@ -403,16 +405,19 @@ class ReplicaGroup:
     def flush_metrics(self):
         return self.actors[0].flush_metrics.remote() if self.actors and not self.setups_left else None
 
-    def kill(self) -> None:
+    def kill(self) -> list:
+        """Kill every rank and free the placement group; refs that resolve (to errors) once the ranks are gone."""
         from ray.util.placement_group import remove_placement_group
 
         self.calls.clear()
         self.setups_left = 0
         for a in self.actors:
             self.ray.kill(a, no_restart=True)
+        gone = [a.stats.remote() for a in self.actors]
         if self.pg is not None:
             remove_placement_group(self.pg)
         self.actors, self.pg = [], None
+        return gone
 
     def describe(self) -> str:
         return (f"{self.world} ranks x {self.bundle()} ({self.cfg.parallel.placement_strategy}, "

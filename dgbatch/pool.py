@@ -273,8 +273,9 @@ class ReplicaPool:
             self.closed = True
             if self.started and self.cluster_outlives_us:
                 self._flush_metrics()
-            for h in self.handles:
-                h.kill()
+            gone = [r for h in self.handles for r in (h.kill() or [])]
+            if gone:  # a replica still finishing a commit would add a shard after the driver's last word on them
+                self.ray.wait(gone, num_returns=len(gone), timeout=10)
 
     def _flush_metrics(self) -> None:
         """On a cluster that outlives this driver, the replicas record their last metrics and everyone

@@ -99,7 +99,7 @@ class ReplicaHandle(Protocol):
 
     def collect(self, ready: set, now: float) -> list[Outcome]: ...
 
-    def kill(self) -> None: ...
+    def kill(self) -> list | None: ...  # refs that resolve once the replica is gone, where it has them
 
 
 Wait = Callable[[list, float], Iterable]  # (waitables, timeout s) -> the ready ones

@@ -43,11 +43,12 @@ def test_each_transient_kind_is_retried_and_counted_and_the_call_succeeds(tmp_pa
     fs, log = faulty(raw_filesystem(str(tmp_path))[0], tmp_path, rate=0.4, seed=1, max_per_call=2,
                      kinds=["timeout", "throttled", "server_error", "connection"])
     (tmp_path / "a").mkdir()
-    for i in range(30):
+    n = 120  # which calls fail hangs on their paths (tmp_path's too): enough calls that every kind comes up
+    for i in range(n):
         (tmp_path / "a" / f"{i}.txt").write_text(str(i))
-    got = [fs.cat_file(str(tmp_path / "a" / f"{i}.txt")) for i in range(30)]
-    assert got == [str(i).encode() for i in range(30)]
-    assert len(fs.ls(str(tmp_path / "a"))) == 30
+    got = [fs.cat_file(str(tmp_path / "a" / f"{i}.txt")) for i in range(n)]
+    assert got == [str(i).encode() for i in range(n)]
+    assert len(fs.ls(str(tmp_path / "a"))) == n
     faults = read_log(log)
     counts = retry.drain()
     assert {f["kind"] for f in faults} == {"timeout", "throttled", "server_error", "connection"}
@@ -205,8 +206,10 @@ def test_the_planning_tasks_storage_retries_are_counted_in_the_summary(s3_server
                    row_group_size=4)
     out = f"{s3_bucket}/planned"
     log = tmp_path / "faults.jsonl"
-    spec = FaultSpec(seed=3, rate=0.5, paths=r"/_plan(/|$)", log=str(log))
-    cmd = _cmd(toy_model_dir, inp, out, "plan.fragment_rows=4", "storage.retries=10", "storage.retry_max_s=1")
+    spec = FaultSpec(seed=3, rate=0.4, paths=r"/_plan(/|$)", log=str(log))
+    # 16 one-row shards: ~40 calls under _plan/, so the draws (which hang on the paths) meet every process
+    cmd = _cmd(toy_model_dir, inp, out, "plan.fragment_rows=4", "plan.shard_rows=1", "storage.retries=20",
+               "storage.retry_max_s=60")
     job = subprocess.run(cmd, env=_env(s3_server, spec), capture_output=True, text=True, timeout=600, check=False)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     raw, root = s3(s3_server, out)
