@@ -3,7 +3,7 @@ through injected storage faults (timeouts, SlowDown, 5xx, resets, torn uploads: 
 replicas are killed at random and a whole node is removed. At the end the output ids are the input ids,
 each exactly once, and `_summary.json` accounts for every storage retry and every shard attempt lost.
 
-    DGBATCH_SIMCLUSTER=1 pytest tests/simcluster/test_chaos.py               # CI: 50 shards, 2 kills, 1 node removed, seed 0
+    DGBATCH_SIMCLUSTER=1 pytest tests/simcluster/test_chaos.py               # CI: 50 shards, 2 kills, 1 node removed, seed 0, fault rate 0.08
     DGBATCH_SIMCLUSTER=1 DGBATCH_SOAK=1 pytest tests/simcluster/test_chaos.py -s  # soak: 400 shards, a kill every few seconds, a node
                                                   # removed (and added back) three times, a fresh seed
 """
@@ -24,7 +24,7 @@ from tests.helpers import REPO, read_output, write_prompts
 
 SOAK = bool(os.environ.get("DGBATCH_SOAK"))
 SEED = random.SystemRandom().randrange(2**31) if SOAK else 0
-SHARDS, KILLS, NODE_LOSSES, FAULT_RATE = (400, 30, 3, 0.08) if SOAK else (50, 2, 1, 0.05)
+SHARDS, KILLS, NODE_LOSSES, FAULT_RATE = (400, 30, 3, 0.08) if SOAK else (50, 2, 1, 0.08)
 
 
 class Chaos:
