@@ -226,7 +226,7 @@ def check_parallel(cfg: JobConfig, path: Path) -> None:
 
 
 # What AutoTokenizer builds for a DiffusionGemma checkpoint whose tokenizer_config.json names one of these
-# classes (and no auto_map): that class; TokenizersBackend for the generic names (tests/test_checkpoint.py
+# classes (and no auto_map): that class; TokenizersBackend for the generic names (tests/test_toy_checkpoint.py
 # checks both against AutoTokenizer).
 _PLAIN_TOKENIZERS = {"TokenizersBackend": "TokenizersBackend", "PreTrainedTokenizerFast": "TokenizersBackend",
                      "GemmaTokenizer": "GemmaTokenizer", "GemmaTokenizerFast": "GemmaTokenizer"}

@@ -43,8 +43,7 @@ JOB, REPLICA = ("job",), ("job", "replica")
 TPF_BOUNDARIES = (0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 STEPS_BOUNDARIES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
-SPECS = [
-    # the driver's
+DRIVER_SPECS = [  # counted by the driver (DriverMetrics)
     Spec("dgbatch_rows", "counter", JOB, "Rows committed (error rows included)"),
     Spec("dgbatch_error_rows", "counter", JOB, "Committed rows that are error records (a bad row, not a crash)"),
     Spec("dgbatch_output_tokens", "counter", JOB, "Output tokens of the committed rows"),
@@ -58,7 +57,8 @@ SPECS = [
     Spec("dgbatch_eta_seconds", "gauge", JOB, "Estimated time to the last row, from the last minute's speed"),
     Spec("dgbatch_prompt_padding", "gauge", JOB,
          "Fraction of prompt positions that are padding in the plan's batches (a padded batch backend's cost)"),
-    # each replica's
+]
+REPLICA_SPECS = [  # counted by each replica (ReplicaReporter)
     Spec("dgbatch_replica_rows", "counter", REPLICA, "Rows the replica generated"),
     Spec("dgbatch_replica_output_tokens", "counter", REPLICA, "Output tokens the replica generated"),
     Spec("dgbatch_replica_tokens_per_second", "gauge", REPLICA, "The replica's output tokens/s over its last report"),
@@ -70,6 +70,7 @@ SPECS = [
          "Useful / computed decoder row-forwards over the replica's last report (engine)"),
     Spec("dgbatch_decoder_batch_size", "gauge", REPLICA, "Mean decoder batch size over the replica's last report (engine)"),
 ]
+SPECS = DRIVER_SPECS + REPLICA_SPECS
 BY_NAME = {s.name: s for s in SPECS}
 
 
@@ -100,10 +101,8 @@ class _Metrics:
         self.m[name].observe(value, tags=tags)
 
 
-_DRIVER = ["dgbatch_rows", "dgbatch_error_rows", "dgbatch_output_tokens", "dgbatch_shards_done", "dgbatch_shards_failed",
-           "dgbatch_shards_retried", "dgbatch_replica_restarts", "dgbatch_shards_in_flight", "dgbatch_rows_planned",
-           "dgbatch_rows_finished", "dgbatch_eta_seconds", "dgbatch_prompt_padding"]
-_REPLICA = [s.name for s in SPECS if s.name not in _DRIVER]
+_DRIVER = [s.name for s in DRIVER_SPECS]
+_REPLICA = [s.name for s in REPLICA_SPECS]
 _made: dict[str, _Metrics] = {}
 
 
