@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from dgbatch.config import ConfigError, JobConfig
 from dgbatch.errors import JobError
+from dgbatch.replica import REPLICA_IMPORTS
 from dgbatch.scheduler import JobObserver, Scheduler
 from dgbatch.sizing import batch_size_bound
 
@@ -138,10 +139,9 @@ def _keeping_stop_handlers():
 
 
 LOCAL_HOST = "127.0.0.1"
-# A local Ray's workers import what a replica imports before its model loads (~4.5 s on 2 cores) as they
-# start, while Ray finishes starting, rather than in the replica's __init__; and no worker is started for
-# the driver beside the replica's, to import the same on the same cores (BENCHMARKS.md, issue 13).
-REPLICA_IMPORTS = ("torch", "transformers.models.diffusion_gemma.modeling_diffusion_gemma")
+# A local Ray's workers import what a replica imports before its model loads as they start, while Ray
+# finishes starting, rather than in the replica's __init__; and no worker is started for the driver beside
+# the replica's, to import the same on the same cores (BENCHMARKS.md, issue 13).
 LOCAL_RAY_SYSTEM_CONFIG = {"preload_python_modules": list(REPLICA_IMPORTS), "prestart_worker_first_driver": False}
 
 

@@ -35,7 +35,7 @@ def test_a_local_rays_workers_start_with_the_replica_imports_done(ray_local):
     finishes starting and the driver plans, not in the replica's __init__."""
     import uuid
 
-    from dgbatch.pool import REPLICA_IMPORTS
+    from dgbatch.replica import REPLICA_IMPORTS
 
     @ray_local.remote
     def imported_at_entry(names):
