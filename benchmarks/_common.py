@@ -183,15 +183,31 @@ def save(out: Path | None, name: str, args: argparse.Namespace, results: Any, st
         print(f"\nwrote {out}")
 
 
+CHILD = "_child"  # the first argument of a script's hidden child run (`run_child`, `run_command`)
+
+
+def run_command(parser: Callable[[], argparse.ArgumentParser],
+                child_parser: Callable[[], argparse.ArgumentParser] | None = None,
+                argv: list[str] | None = None) -> None:
+    """A benchmark script's entry point: parse `argv` with `parser` (or, after `CHILD`, with `child_parser`,
+    the hidden run `run_child` starts) and call the `func` the parser set."""
+    argv = sys.argv[1:] if argv is None else argv
+    if child_parser is not None and argv[:1] == [CHILD]:
+        args = child_parser().parse_intermixed_args(argv[1:])
+    else:
+        args = parser().parse_args(argv)
+    args.func(args)
+
+
 def run_child(script: str, args: list[str], timeout: float) -> dict:
-    """Run `script`'s hidden subcommand in a fresh interpreter; returns the JSON it writes."""
+    """Run `script`'s hidden child (`CHILD`, then `args`) in a fresh interpreter; returns the JSON it writes."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result = Path(f.name)
     try:
-        proc = subprocess.run([sys.executable, script, *args, "--result", str(result)], check=False,
+        proc = subprocess.run([sys.executable, script, CHILD, *args, "--result", str(result)], check=False,
                               cwd=REPO, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            raise RuntimeError(f"child {args[0]} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+            raise RuntimeError(f"child {' '.join(args[:1])} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
                                f"{proc.stderr[-3000:]}")
         return json.loads(result.read_text())
     finally:

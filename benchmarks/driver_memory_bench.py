@@ -15,7 +15,6 @@ import io
 import json
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -29,12 +28,11 @@ from _common import (
     max_prompt_of,
     peak_memory,
     run_child,
+    run_command,
     save,
     workdir,
     write_input,
 )
-
-CHILD = "_child"  # the first argument of the hidden child run
 
 
 def fake_stats_pool(rows: int, size: int = 64, seed: int = 0) -> list[dict]:
@@ -132,7 +130,7 @@ def cmd_driver_memory(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             write_committed_job(root, cfg, n, args.shard_rows)
             gen_s = time.perf_counter() - t0
-            res = run_child(__file__, [CHILD, "--input", str(work / "tiny-input"), "--output", str(root)],
+            res = run_child(__file__, ["--input", str(work / "tiny-input"), "--output", str(root)],
                             args.timeout)
             if res["todo"] or res["rc"] or res["summary_rows"] != n * args.shard_rows:
                 raise RuntimeError(f"resume bookkeeping went wrong at {n} shards: {res}")
@@ -165,11 +163,5 @@ def child_parser() -> argparse.ArgumentParser:
 
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = child_parser().parse_args(argv[1:]) if argv[:1] == [CHILD] else parser().parse_args(argv)
-    args.func(args)
-
-
 if __name__ == "__main__":
-    main()
+    run_command(parser, child_parser)

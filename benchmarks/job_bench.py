@@ -14,11 +14,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import pyarrow.dataset as pads
-from _common import Column, cli_job, common_args, demo_input, key, machine, markdown_table, median, save, workdir
+from _common import (
+    Column,
+    cli_job,
+    common_args,
+    demo_input,
+    key,
+    machine,
+    markdown_table,
+    median,
+    run_command,
+    save,
+    workdir,
+)
 
 
 def texts(output: Path) -> dict[str, str]:
@@ -88,10 +99,5 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    args.func(args)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(parser)

@@ -27,7 +27,6 @@ import contextlib
 import io
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -41,11 +40,10 @@ from _common import (
     markdown_table,
     median,
     run_child,
+    run_command,
     save,
     workdir,
 )
-
-CHILD = "_child"
 
 
 def child_job(args: argparse.Namespace) -> None:
@@ -116,8 +114,8 @@ def workload(work: Path, n: int, shard_rows: int, args: argparse.Namespace) -> d
     for k in range(args.repeats):
         out = work / f"out-{n}-{shard_rows}-{k}"
         common = ["--input", str(inp), "--output", str(out), *overrides]
-        jobs.append(run_child(__file__, [CHILD, "job", *common], args.timeout))
-        alone.append(run_child(__file__, [CHILD, "alone", *common], args.timeout))
+        jobs.append(run_child(__file__, ["job", *common], args.timeout))
+        alone.append(run_child(__file__, ["alone", *common], args.timeout))
         eff = jobs[-1]["tokens_per_s"] / alone[-1]["tokens_per_s"]
         print(f"  {n} prompts, shards of {shard_rows}, round {k + 1}: job {jobs[-1]['tokens_per_s']:,.0f} tok/s "
               f"over {jobs[-1]['span_s']:.1f} s ({jobs[-1]['cpu_s']:.1f} CPU s), alone "
@@ -177,6 +175,7 @@ def parser() -> argparse.ArgumentParser:
 
 def child_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
+    p.set_defaults(func=lambda args: (child_job if args.mode == "job" else child_alone)(args))
     p.add_argument("mode", choices=["job", "alone"])
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
@@ -185,15 +184,5 @@ def child_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == [CHILD]:
-        args = child_parser().parse_intermixed_args(argv[1:])
-        (child_job if args.mode == "job" else child_alone)(args)
-        return
-    args = parser().parse_args(argv)
-    args.func(args)
-
-
 if __name__ == "__main__":
-    main()
+    run_command(parser, child_parser)

@@ -24,6 +24,7 @@ from _common import (
     max_prompt_of,
     mixed_prompts,
     pct,
+    run_command,
     save,
     workdir,
     write_input,
@@ -162,10 +163,5 @@ def parser() -> argparse.ArgumentParser:
 
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    args.func(args)
-
-
 if __name__ == "__main__":
-    main()
+    run_command(parser)

@@ -15,7 +15,6 @@ import io
 import json
 import pstats
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -29,12 +28,11 @@ from _common import (
     max_prompt_of,
     peak_memory,
     run_child,
+    run_command,
     save,
     workdir,
     write_tiled_input,
 )
-
-CHILD = "_child"  # the first argument of the hidden child run
 
 
 def child_planning(args: argparse.Namespace) -> None:
@@ -128,7 +126,7 @@ def cmd_planning(args: argparse.Namespace) -> None:
             inp = write_tiled_input(work / f"input-{n}", n, args.prompts, args.seed, args.files, args.row_group_rows)
             gen_s = time.perf_counter() - t0
             out = work / f"out-{n}"
-            child = [CHILD, "--input", str(inp), "--output", str(out), *overrides]
+            child = ["--input", str(inp), "--output", str(out), *overrides]
             res = run_child(__file__, child + (["--warm-rerun"] if args.warm_rerun else []), args.timeout)
             results.append({"requested_rows": n, "generate_input_s": round(gen_s, 2), **res})
             print(f"  {n:,} rows: {res['plan_s']:.1f}s, {res['prompts_per_s']:,.0f} prompts/s, "
@@ -177,11 +175,5 @@ def child_parser() -> argparse.ArgumentParser:
 
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = child_parser().parse_args(argv[1:]) if argv[:1] == [CHILD] else parser().parse_args(argv)
-    args.func(args)
-
-
 if __name__ == "__main__":
-    main()
+    run_command(parser, child_parser)

@@ -23,6 +23,7 @@ from _common import (
     key,
     machine,
     markdown_table,
+    run_command,
     save,
     times,
     toy_prompts,
@@ -111,10 +112,5 @@ def parser() -> argparse.ArgumentParser:
 
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    args.func(args)
-
-
 if __name__ == "__main__":
-    main()
+    run_command(parser)

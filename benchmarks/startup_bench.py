@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from _common import Column, cli_job, common_args, machine, markdown_table, median, save, workdir
+from _common import Column, cli_job, common_args, machine, markdown_table, median, run_command, save, workdir
 
 PIECES = [("checks", "checks done"), ("ray_init", "ray.init took"), ("ray_up", "Ray up"), ("plan", "plan ready"),
           ("replica_process", "replica process started"), ("actor_init", "replica actor's __init__ began"),
@@ -58,10 +57,5 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    args.func(args)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(parser)
