@@ -332,6 +332,11 @@ class ReplicasSection(Section):
     num_gpus: NonNegativeFloat = Field(0, description="GPUs reserved per replica actor (per rank of a parallel replica).")
     accelerator_type: Name | None = Field(None, description="Ray accelerator type, e.g. 'H100'.")
     max_shard_attempts: PositiveInt = Field(3, description="Tries per shard before it is recorded as failed.")
+    max_identical_failures: NonNegativeInt = Field(
+        10, description="Different shards failing their first attempt in a row with the same error, none committed "
+        "in between, that stop the job (exit 2, that error): a fault of the job (storage the replicas cannot "
+        "reach), not of its shards. 0: never stop for this."
+    )
     max_start_failures: PositiveInt = Field(
         3, description="Failed starts in a row (its __init__ raised: a bad model.device, unreadable weights) before "
         "a replica is dropped; with none left up, the job stops with the replica's error (exit 2)."

@@ -234,7 +234,8 @@ class ReplicaPool:
         else:
             print(f"starting {len(self.handles)} replica(s) (names replica-N-{self.run_id}, namespace dgbatch)",
                   flush=True)
-        self.scheduler = Scheduler(self.handles, max_attempts=cfg.replicas.max_shard_attempts)
+        self.scheduler = Scheduler(self.handles, max_attempts=cfg.replicas.max_shard_attempts,
+                                   max_identical=cfg.replicas.max_identical_failures)
         self.scheduler.start()
 
     def check(self, cfg: JobConfig) -> None:

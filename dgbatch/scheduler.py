@@ -17,7 +17,10 @@ attempts per shard:
 
 A replica holds up to `depth` shards at once (two or more: while one drains, the next fills its
 engine's free slots). A lost or failed shard goes to the back of the queue until it has failed
-`max_attempts` times; then it is recorded as failed. Shards are handed out as replicas have room,
+`max_attempts` times; then it is recorded as failed. When `max_identical` different shards in a row fail
+their first attempt with the same error (their ids and numbers aside) and none is committed in between,
+the fault is the job's (storage the replicas cannot reach), not the shards': the job stops with that error
+(`IdenticalFailures`) rather than spend every attempt of every shard on it. Shards are handed out as replicas have room,
 never pre-assigned, so a faster replica runs more of them.
 
 What happens to a job's shards is told to one `JobObserver` (the driver's progress, `_progress.json`
@@ -31,13 +34,26 @@ discarded, so none of them is taken for a shard of the next job with the same id
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from dgbatch.errors import JobError
+
 log = logging.getLogger("dgbatch")
+
+
+class IdenticalFailures(JobError):
+    """Different shards kept failing with one error, none committed: what is wrong is the job's."""
+
+
+def failure_kind(shard: str, reason: str) -> str:
+    """What two shards' failures must share to count as the same error: the reason, less the shard's id and
+    any number (a path, a row count, a port)."""
+    return re.sub(r"\d+", "#", reason.replace(shard, "<shard>"))
 
 
 @dataclass(frozen=True)
@@ -132,9 +148,10 @@ class Scheduler:
     """Shards over `handles`, one job at a time (`run`); the handles' state (up, gone) outlives a job,
     so several jobs can run one after another on the same replicas."""
 
-    def __init__(self, handles: Sequence[ReplicaHandle], *, max_attempts: int = 3):
+    def __init__(self, handles: Sequence[ReplicaHandle], *, max_attempts: int = 3, max_identical: int = 10):
         self.handles = list(handles)
         self.max_attempts = max_attempts
+        self.max_identical = max_identical  # 0: never stop for identical failures
         self.up: set[int] = set()
         self.gone: set[int] = set()
         self.last_error = ""
@@ -149,6 +166,7 @@ class Scheduler:
         self.held: list[set[str]] = [set() for _ in self.handles]  # shards in flight, per replica
         self.attempts: Counter[str] = Counter()
         self.failed: dict[str, str] = {}
+        self.streak: tuple[str, set[str]] = ("", set())  # the last first-attempt failures' kind, their shards
         self.fatal: Exception | None = None  # what stopped this job
         self.stopped = False  # nothing more is handed out or requeued
 
@@ -183,11 +201,15 @@ class Scheduler:
         elif isinstance(outcome, Done):
             if outcome.shard in self.held[i]:
                 self.held[i].discard(outcome.shard)
+                self.streak = ("", set())
                 self.observer.done(outcome.shard, outcome.stats)
         elif isinstance(outcome, Retry):
             if outcome.shard in self.held[i]:
                 self.held[i].discard(outcome.shard)
+                first = not self.attempts[outcome.shard]
                 self._retry_or_fail(outcome.shard, outcome.error)
+                if first:
+                    self._stop_if_identical(outcome.shard, outcome.error)
         elif isinstance(outcome, Rows):
             if outcome.shard in self.held[i]:
                 self.observer.rows(outcome.shard, outcome.finished, outcome.tokens)
@@ -226,6 +248,18 @@ class Scheduler:
                 self.failed[shard] = f"no replica left to run it; last replica error: {self.last_error}"
                 self.observer.failed(shard, self.failed[shard])
             self.queue.clear()
+
+    def _stop_if_identical(self, shard: str, reason: str) -> None:
+        kind = failure_kind(shard, reason)
+        if kind != self.streak[0]:
+            self.streak = (kind, set())
+        self.streak[1].add(shard)
+        if self.max_identical and len(self.streak[1]) >= self.max_identical:
+            self._stop(IdenticalFailures(
+                f"{len(self.streak[1])} different shards failed their first attempt in a row with the same error, "
+                f"and none was committed in between (replicas.max_identical_failures={self.max_identical}): {reason}. That is a fault of "
+                "the job, not of its shards (storage the replicas' nodes cannot reach or lack credentials for, a "
+                "model setting that fails every batch): fix it and run again; committed shards are kept"))
 
     def _retry_or_fail(self, shard: str, reason: str) -> None:
         if self.stopped:

@@ -34,8 +34,9 @@ class RayHead:
     """A running `ray start --head`: `head(*entrypoint)` submits a job and waits for it (CompletedProcess);
     `metrics()` is its node's Prometheus text."""
 
-    def __init__(self, ray_bin: str, env: dict, address: str, metrics_port: int):
+    def __init__(self, ray_bin: str, env: dict, address: str, metrics_port: int, gcs: str):
         self.ray_bin, self.env, self.address, self.metrics_port = ray_bin, env, address, metrics_port
+        self.gcs = gcs  # what `ray.address` joins
 
     def __call__(self, *entrypoint: str) -> subprocess.CompletedProcess:
         deadline = time.time() + 120
@@ -69,7 +70,9 @@ def ray_head():
     ray_bin = str(Path(sys.executable).parent / "ray")
     ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
     gcs, dash, metrics = _free_port(), _free_port(), _free_port()
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token", "RAY_metrics_report_interval_ms": "1000",
+    # No AWS settings on the cluster's nodes (as on a cluster nobody gave them to): a job's storage
+    # credentials reach its replicas only if the job brings them.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token", "RAY_metrics_report_interval_ms": "1000",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     run = lambda *a, **k: subprocess.run(list(a), check=False, env=env, cwd=REPO, capture_output=True, text=True, **k)
     try:
@@ -82,7 +85,7 @@ def ray_head():
         deadline = time.time() + 60
         while time.time() < deadline and run(ray_bin, "job", "list", "--address", address, timeout=60).returncode:
             time.sleep(1)
-        yield RayHead(ray_bin, env, address, metrics)
+        yield RayHead(ray_bin, env, address, metrics, f"127.0.0.1:{gcs}")
     finally:
         subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
 
@@ -258,6 +261,31 @@ def test_error_records_are_counted_on_the_metrics(ray_head, tmp_path):
         assert time.time() < deadline, "the error rows never reached the metrics"
         time.sleep(1)
     assert errors == 2 and metric_sum(ray_head.metrics(), "ray_dgbatch_rows_total", str(out)) == 5
+
+
+@pytest.mark.slow
+def test_replicas_without_the_storage_credentials_stop_the_job_after_a_few_shards(ray_head, tmp_path, s3_server,
+                                                                                   s3_bucket):
+    """`dgbatch run` joins the cluster (`ray.address`) with S3 credentials in its own environment only: its
+    replicas, on nodes without them, fail every shard alike. The job stops after
+    `replicas.max_identical_failures` shards with that error (exit 2, one line), not after every attempt of
+    every shard."""
+    data = write_prompts(tmp_path / "in.parquet", [f"repeat: {'abcdef'[: 1 + i % 6]}" for i in range(24)])
+    out = f"{s3_bucket}/job"
+    env = {**ray_head.env, "PYTHONPATH": str(REPO), "AWS_ACCESS_KEY_ID": s3_server.key,
+           "AWS_SECRET_ACCESS_KEY": s3_server.secret, "AWS_REGION": "us-east-1"}
+    proc = subprocess.run([sys.executable, "-m", "dgbatch.cli", "run", "configs/demo.yaml", f"input.path={data}",
+                           f"output.path={out}", f"ray.address={ray_head.gcs}", f"storage.endpoint_url={s3_server.endpoint_url}",
+                           "plan.shard_rows=2", "replicas.max_identical_failures=4", "sampling.max_new_tokens=16"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("dgbatch: error:")]
+    assert proc.returncode == 2, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert "4 different shards failed their first attempt in a row" in errors[0], errors[0]
+    assert "Unable to locate credentials" in errors[0] and s3_server.secret not in proc.stdout + proc.stderr
+    attempts = len(re.findall(r"shard \S+ attempt \d+ failed", proc.stdout + proc.stderr))
+    assert attempts < 12, f"{attempts} failed attempts before the job stopped (12 shards, 3 attempts each)"
+    print(errors[0], f"({attempts} failed attempts)")
 
 
 @pytest.mark.slow

@@ -6,7 +6,18 @@ from collections import Counter
 
 import pytest
 
-from dgbatch.scheduler import Done, Fatal, Gone, JobObserver, Restarting, Retry, Rows, Scheduler, Up
+from dgbatch.scheduler import (
+    Done,
+    Fatal,
+    Gone,
+    IdenticalFailures,
+    JobObserver,
+    Restarting,
+    Retry,
+    Rows,
+    Scheduler,
+    Up,
+)
 
 
 class FakeReplica:
@@ -67,8 +78,8 @@ class FakeReplica:
             what = self.script[shard].pop(0) if self.script.get(shard) else "ok"
             if what == "ok":
                 out.append(Done(shard, {"rows": 1, "by": self.name, "job": self.submitted[seq][1]}))
-            elif what == "retry":
-                out.append(Retry(shard, "ValueError: bad shard"))
+            elif what.startswith("retry"):  # "retry" or "retry:<the error>"
+                out.append(Retry(shard, what.partition(":")[2] or "ValueError: bad shard"))
             elif what == "fatal":
                 out.append(Fatal(StorageDown("storage kept failing"), shard))
             elif what == "restart":
@@ -127,9 +138,9 @@ class Recorder(JobObserver):
         self.in_flight.append(scheduler.in_flight)
 
 
-def run(handles, shards, *, depth=2, max_attempts=3, job="job-1", scheduler=None, recorder=None):
+def run(handles, shards, *, depth=2, max_attempts=3, max_identical=10, job="job-1", scheduler=None, recorder=None):
     rec = recorder or Recorder()
-    s = scheduler or Scheduler(handles, max_attempts=max_attempts)
+    s = scheduler or Scheduler(handles, max_attempts=max_attempts, max_identical=max_identical)
     if scheduler is None:
         s.start()
     failed = s.run(shards, job, lambda waitables, timeout: waitables, depth=depth, observer=rec, clock=lambda: 0.0)
@@ -257,3 +268,34 @@ def test_a_replica_that_cannot_start_is_dropped_while_another_one_runs_the_job()
     stuck, ok = FakeReplica("stuck", stuck=2), FakeReplica("ok", polls=2)
     failed, done, by, _, _ = run([stuck, ok], shards(6))
     assert failed == {} and set(by.values()) == {"ok"} and done == Counter({x: 1 for x in shards(6)})
+
+
+def _denied(shard: str, n: int) -> str:
+    return f"retry:PermissionError: Access Denied writing s3://bucket/out/{shard}.parquet ({n} rows)"
+
+
+def test_the_same_error_on_shard_after_shard_stops_the_job_early():
+    """Storage the replicas cannot reach fails every shard alike: the job stops after a few of them with that
+    error, rather than after 3 attempts of each of the 40 (the ids and numbers in the message differ)."""
+    r = FakeReplica("r", script={s: [_denied(s, 7 + i)] * 3 for i, s in enumerate(shards(40))})
+    rec = Recorder()
+    with pytest.raises(IdenticalFailures) as e:
+        run([r], shards(40), max_identical=5, recorder=rec)
+    assert "5 different shards failed their first attempt in a row" in str(e.value)
+    assert "replicas.max_identical_failures=5" in str(e.value) and "PermissionError: Access Denied" in str(e.value)
+    assert len(r.submitted) <= 5 + 2  # the five, and what the replica already held (depth 2)
+    assert not [ev for ev in rec.events if ev[0] == "failed"]  # stopped, not recorded as failed shard by shard
+
+
+def test_a_committed_shard_between_failures_or_another_error_keeps_the_job_going():
+    # the even shards commit; the odd ones' retries, at the end, fail in a row: they are not first attempts
+    ok_between = {s: [_denied(s, 1)] * 3 for s in shards(20)[1::2]}
+    failed, done, *_ = run([FakeReplica("r", script=ok_between)], shards(20), max_identical=3)
+    assert set(failed) == set(ok_between) and sum(done.values()) == 10
+    errors = ["retry:ValueError: bad row count", "retry:KeyError: 'prompt'"]
+    mixed = {s: [errors[i % 2]] * 3 for i, s in enumerate(shards(12))}
+    failed, *_ = run([FakeReplica("r", script=mixed)], shards(12), depth=1, max_identical=3)
+    assert set(failed) == set(shards(12))  # each failed for good on its own: no two in a row alike
+    same = {s: [_denied(s, 1)] * 3 for s in shards(12)}
+    failed, *_ = run([FakeReplica("r", script=same)], shards(12), max_identical=0)  # 0: never stops for it
+    assert set(failed) == set(shards(12))
