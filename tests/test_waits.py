@@ -15,6 +15,8 @@ from dgbatch.capacity import Shape, placeable
 from dgbatch.pool import RayUnreachable, check_reachable
 from tests.helpers import DEMO_CONFIG, write_prompts
 
+TP2 = ["parallel.tp_size=2", "parallel.timeout_s=60"]
+
 
 def run(capsys, *args) -> tuple[int, str]:
     code = cli.main(["run", *map(str, args)])
@@ -87,7 +89,9 @@ def corrupt_checkpoint(tmp_path, toy_model_dir):
 @pytest.mark.parametrize("make_model, extra, reason, starts", [
     (lambda tmp, toy: toy, ["model.device=cuda"], "AssertionError: Torch not compiled with CUDA enabled", 2),
     (corrupt_checkpoint, [], "SafetensorError: Error while deserializing header", 1),
-], ids=["an unknown device", "a corrupt weights file"])
+    # a parallel replica: a real 2-rank group (gloo), torn down whole and started again
+    (lambda tmp, toy: toy, ["model.device=cuda", *TP2], "Torch not compiled with CUDA enabled", 2),
+], ids=["an unknown device", "a corrupt weights file", "a 2-rank replica on an unknown device"])
 def test_a_replica_that_fails_to_start_n_times_fails_the_job_with_its_own_error(
         ray_local, tmp_path, toy_model_dir, capsys, make_model, extra, reason, starts):
     model = make_model(tmp_path, toy_model_dir)

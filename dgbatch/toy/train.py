@@ -328,9 +328,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
     ap.add_argument("--freeze-vision", action="store_true",
                     help="joint stage: the vision tower and embedder keep their weights (no gradients through them)")
+    ap.add_argument("--freeze-text", action="store_true",
+                    help="joint stage: the text model keeps its weights; only the vision tower and embedder learn, "
+                    "from the gradients the text model hands back")
     ap.add_argument("--stage", choices=("joint", "vision"), default="joint",
                     help="vision: train only the vision tower and embedder on `read` images (`train_vision`)")
     args = ap.parse_args()
+    if args.freeze_text and args.freeze_vision:
+        ap.error("--freeze-text and --freeze-vision: nothing would train")
 
     elapsed = 0.0
     if args.resume and (args.out / "training.json").is_file():
@@ -379,6 +384,10 @@ def main() -> None:
         for p in vision:
             p.requires_grad_(False)
         groups = groups[:1]
+    if args.freeze_text:  # the text model as shipped: only the tower learns, through it (its prompt, in effect)
+        for p in text:
+            p.requires_grad_(False)
+        groups = groups[1:]
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     resumed = load_optimizer(opt, args.out) if args.resume and args.init_from == args.out else False
     warmup = args.warmup
