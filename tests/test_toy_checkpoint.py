@@ -35,10 +35,11 @@ def test_task_family_grader():
 
 
 def test_accuracy_bar_on_a_fixed_sample(toy_model_dir):
-    """>= 90% exact overall, >= 80% on each task, tokens/forward well above 1 (defaults of the checkpoint)."""
-    r = evaluate(str(toy_model_dir), n=210, seed=1234)
-    assert r["accuracy"] >= 0.90, r
-    assert all(acc >= 0.80 for acc in r["per_task"].values()), r
+    """Issue 15's bars: the text family >= 95% exact overall and >= 90% on each task, `read` >= 90% exact on
+    images the training never drew; tokens/forward well above 1 (the checkpoint's own sampling settings)."""
+    r = evaluate(str(toy_model_dir), n=210, seed=1234, read=100)
+    assert r["accuracy"] >= 0.95, r
+    assert all(acc >= 0.90 for acc in r["per_task"].values()), r
     assert r["mean_tokens_per_forward"] >= 2.0, r
 
 

@@ -24,7 +24,8 @@ image tokens appended to the vocabulary (`grow`), and the vision tower starts fr
 `--stage vision` trains the vision tower and its embedder alone, on `read` images, against targets in the
 text model's own embedding space (`train_vision`); no text weight changes and no text-model pass is paid
 for. A joint stage after it, with the tower frozen (`--freeze-vision`), is where the text model learns to
-read the digits it is shown; on this project's CPUs that stage did not get there (BENCHMARKS.md, "Stage 3").
+read the digits it is shown: at a high learning rate first (it costs `count` its stopping), then a low one with
+mostly text rows, which gives it back (BENCHMARKS.md, "Stage 3", has the shipped checkpoint's commands).
 """
 
 from __future__ import annotations
