@@ -207,7 +207,7 @@ def run_child(script: str, args: list[str], timeout: float) -> dict:
         proc = subprocess.run([sys.executable, script, CHILD, *args, "--result", str(result)], check=False,
                               cwd=REPO, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            raise RuntimeError(f"child {' '.join(args[:1])} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+            raise RuntimeError(f"child run of {Path(script).name} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
                                f"{proc.stderr[-3000:]}")
         return json.loads(result.read_text())
     finally:

@@ -274,7 +274,7 @@ class ReplicaPool:
             self.closed = True
             if self.started and self.cluster_outlives_us:
                 self._flush_metrics()
-            gone = [r for h in self.handles for r in (h.kill() or [])]
+            gone = [r for h in self.handles for r in h.kill()]
             if gone:  # a replica still finishing a commit would add a shard after the driver's last word on them
                 self.ray.wait(gone, num_returns=len(gone), timeout=10)
 

@@ -20,8 +20,8 @@ engine's free slots). A lost or failed shard goes to the back of the queue until
 `max_attempts` times; then it is recorded as failed. When `max_identical` different shards in a row fail
 their first attempt with the same error (their ids and numbers aside) and none is committed in between,
 the fault is the job's (storage the replicas cannot reach), not the shards': the job stops with that error
-(`IdenticalFailures`) rather than spend every attempt of every shard on it. Shards are handed out as replicas have room,
-never pre-assigned, so a faster replica runs more of them.
+(`IdenticalFailures`) rather than spend every attempt of every shard on it. Shards are handed out as
+replicas have room, never pre-assigned, so a faster replica runs more of them.
 
 What happens to a job's shards is told to one `JobObserver` (the driver's progress, `_progress.json`
 and metrics hang off it), so nothing here knows how it is shown.
@@ -115,7 +115,7 @@ class ReplicaHandle(Protocol):
 
     def collect(self, ready: set, now: float) -> list[Outcome]: ...
 
-    def kill(self) -> list | None: ...  # refs that resolve once the replica is gone, where it has them
+    def kill(self) -> list: ...  # refs that resolve once the replica is gone ([] where there are none)
 
 
 Wait = Callable[[list, float], Iterable]  # (waitables, timeout s) -> the ready ones
@@ -257,8 +257,8 @@ class Scheduler:
         if self.max_identical and len(self.streak[1]) >= self.max_identical:
             self._stop(IdenticalFailures(
                 f"{len(self.streak[1])} different shards failed their first attempt in a row with the same error, "
-                f"and none was committed in between (replicas.max_identical_failures={self.max_identical}): {reason}. That is a fault of "
-                "the job, not of its shards (storage the replicas' nodes cannot reach or lack credentials for, a "
+                f"and none was committed in between (replicas.max_identical_failures={self.max_identical}): {reason}. "
+                "That is a fault of the job, not of its shards (storage the replicas' nodes cannot reach or lack credentials for, a "
                 "model setting that fails every batch): fix it and run again; committed shards are kept"))
 
     def _retry_or_fail(self, shard: str, reason: str) -> None:

@@ -77,10 +77,8 @@ def s3_bucket(s3_server: S3Server) -> str:
 @pytest.fixture
 def s3_env(monkeypatch: pytest.MonkeyPatch, s3_server: S3Server) -> S3Server:
     """The standard AWS environment pointing at the test server, for code that reads it."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
     return s3_server
 
 

@@ -39,6 +39,14 @@ class S3Server:
     secret: str = field(repr=False)
     log_path: Path
 
+    def credentials(self) -> dict[str, str]:
+        """The standard AWS environment's credentials and region for this server (no endpoint)."""
+        return {"AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_REGION": "us-east-1"}
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS environment pointing at this server."""
+        return {**self.credentials(), "AWS_ENDPOINT_URL": self.endpoint_url}
+
     def make_bucket(self) -> str:
         """A new empty bucket; returns 's3://<name>'."""
         import s3fs
@@ -122,6 +130,7 @@ def stop_process_group(proc: subprocess.Popen) -> None:
 # ---------------------------------------------------------------------------------------------
 
 FAST = ["sampling.max_new_tokens=32"]  # short answers keep CPU tests quick
+TP2 = ["parallel.tp_size=2", "parallel.timeout_s=60"]  # a 2-rank replica (gloo, one CPU each)
 MIXED_PROMPTS = [b"reverse abc", None, b"repeat 2 ab", b"", b"reverse hello", b"reverse " + b"x" * 60,
                  b"repeat 3 xy", b"   ", b"reverse " + b"y" * 70, b"repeat 2 q", b"reverse ab", b"repeat 4 z"]  # `mixed_output`'s input
 

@@ -72,7 +72,8 @@ def ray_head():
     gcs, dash, metrics = _free_port(), _free_port(), _free_port()
     # No AWS settings on the cluster's nodes (as on a cluster nobody gave them to): a job's storage
     # credentials reach its replicas only if the job brings them.
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token", "RAY_metrics_report_interval_ms": "1000",
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, "RAY_TMPDIR": ray_tmp,
+           "RAY_AUTH_MODE": "token", "RAY_metrics_report_interval_ms": "1000",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     run = lambda *a, **k: subprocess.run(list(a), check=False, env=env, cwd=REPO, capture_output=True, text=True, **k)
     try:
@@ -272,8 +273,7 @@ def test_replicas_without_the_storage_credentials_stop_the_job_after_a_few_shard
     every shard."""
     data = write_prompts(tmp_path / "in.parquet", [f"repeat: {'abcdef'[: 1 + i % 6]}" for i in range(24)])
     out = f"{s3_bucket}/job"
-    env = {**ray_head.env, "PYTHONPATH": str(REPO), "AWS_ACCESS_KEY_ID": s3_server.key,
-           "AWS_SECRET_ACCESS_KEY": s3_server.secret, "AWS_REGION": "us-east-1"}
+    env = {**ray_head.env, "PYTHONPATH": str(REPO), **s3_server.credentials()}  # the endpoint: in the config
     proc = subprocess.run([sys.executable, "-m", "dgbatch.cli", "run", "configs/demo.yaml", f"input.path={data}",
                            f"output.path={out}", f"ray.address={ray_head.gcs}", f"storage.endpoint_url={s3_server.endpoint_url}",
                            "plan.shard_rows=2", "replicas.max_identical_failures=4", "sampling.max_new_tokens=16"],

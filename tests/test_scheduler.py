@@ -92,8 +92,9 @@ class FakeReplica:
                 return [*out, Gone("RayActorError: gone for good")]
         return out
 
-    def kill(self) -> None:
+    def kill(self) -> list:
         self.dead = True
+        return []
 
 
 class StorageDown(Exception):

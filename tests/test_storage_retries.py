@@ -144,9 +144,7 @@ def _cmd(toy_model_dir: Path, inp: Path, out: str, *extra: str) -> list[str]:
 
 
 def _env(s3_server, spec: FaultSpec) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "AWS_ACCESS_KEY_ID": s3_server.key,
-            "AWS_SECRET_ACCESS_KEY": s3_server.secret, "AWS_ENDPOINT_URL": s3_server.endpoint_url,
-            "AWS_REGION": "us-east-1", **spec.env()}
+    return {**os.environ, "PYTHONPATH": str(REPO), **s3_server.env(), **spec.env()}
 
 
 def test_a_store_that_stays_down_stops_the_job_early_with_one_line_and_a_rerun_resumes(

@@ -13,9 +13,7 @@ import pytest
 from dgbatch import cli, driver
 from dgbatch.capacity import Shape, placeable
 from dgbatch.pool import RayUnreachable, check_reachable
-from tests.helpers import DEMO_CONFIG, write_prompts
-
-TP2 = ["parallel.tp_size=2", "parallel.timeout_s=60"]
+from tests.helpers import DEMO_CONFIG, TP2, write_prompts
 
 
 def run(capsys, *args) -> tuple[int, str]:

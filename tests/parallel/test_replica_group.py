@@ -10,6 +10,7 @@ import pytest
 from dgbatch import driver
 from tests.helpers import (
     FAST,
+    TP2,
     assert_exactly_once,
     break_one_shard,
     engine_reproduction,
@@ -18,8 +19,6 @@ from tests.helpers import (
     start_job_until_first_commit,
     write_prompts,
 )
-
-TP2 = ["parallel.tp_size=2", "parallel.timeout_s=60"]
 
 
 def _texts(root) -> dict[str, str]:
