@@ -130,6 +130,7 @@ class SingleReplica:
         self.check_at = 0.0
         self.progress_at = 0.0
         self.timings: dict | None = None
+        self.process: tuple[str, int] | None = None
         self._create()
 
     @property
@@ -181,6 +182,7 @@ class SingleReplica:
                 self.up, self.probe_failures, self.start_failures = True, 0, 0
                 self.waiting.placed(now)
                 self.timings = self.timings or value
+                self.process = (value["node_id"], value["pid"])  # a restarted actor is a new process
                 out.append(Up())
             elif kind == "progress" and lost is None:
                 out += [Rows(s, rows, tokens) for s, (rows, tokens) in value.items()]
@@ -253,7 +255,7 @@ class SingleReplica:
         return self.actor.flush_metrics.remote()
 
     def kill(self) -> list:
-        """Kill the replica; refs that resolve (to an error) once its process is gone."""
+        """Kill the replica; refs that resolve (to an error) once Ray has it dead (its process may still run)."""
         self.ray.kill(self.actor)
         return [self.actor.stats.remote()]
 
@@ -296,6 +298,7 @@ class ReplicaGroup:
         self.waiting = Waiting(ray, index, cfg)
         self.progress_at = 0.0
         self.timings: dict | None = None
+        self.process: tuple[str, int] | None = None
 
     @property
     def name(self) -> str:
@@ -359,6 +362,7 @@ class ReplicaGroup:
                 self.setups_left -= 1
                 if what == 0:
                     self.timings = value
+                    self.process = (value["node_id"], value["pid"])  # the leader commits the group's shards
                 if not self.setups_left:  # every rank is up: followers enter the lockstep loop
                     for rank, a in enumerate(self.actors[1:], start=1):
                         self.calls.add(a.follow.remote(), "follow", rank)
@@ -406,7 +410,7 @@ class ReplicaGroup:
         return self.actors[0].flush_metrics.remote() if self.actors and not self.setups_left else None
 
     def kill(self) -> list:
-        """Kill every rank and free the placement group; refs that resolve (to errors) once the ranks are gone."""
+        """Kill every rank and free the placement group; refs that resolve (to errors) once Ray has them dead."""
         from ray.util.placement_group import remove_placement_group
 
         self.calls.clear()

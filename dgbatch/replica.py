@@ -152,8 +152,9 @@ class Replica(Serving):
         self.timings["ready_at"] = time.time()
 
     def ready(self) -> dict:
-        """Start-up timings: the process start, when __init__ began and ended, imports and model load."""
-        return self.timings
+        """Start-up timings (the process start, when __init__ began and ended, imports and model load) and
+        which process this is."""
+        return {**self.timings, **this_process()}
 
 
 
@@ -171,6 +172,13 @@ def _stream(cfg: JobConfig, factory: Backends, tokenizer, eos_ids, **kwargs):
     from dgbatch.stream import ShardStream
 
     return ShardStream(factory, tokenizer, eos_ids, **kwargs)
+
+
+def this_process() -> dict:
+    """The node and pid of this process: the driver waits for it to exit before it counts the commits."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
 
 def process_start() -> float | None:
@@ -239,7 +247,7 @@ class ReplicaRank(Serving):
             self.reporter = _reporter(self.stream)
         self.timings["ready_at"] = time.time()
         return {"rank": self.rank, "backend": backend, "device": str(next(model.parameters()).device),
-                **self.timings}
+                **self.timings, **this_process()}
 
     def follow(self) -> None:
         """A follower: the leader's loop, step for step, until the group is torn down."""

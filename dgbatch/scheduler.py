@@ -106,6 +106,7 @@ class ReplicaHandle(Protocol):
     `submit` passes the job along with the shard: a replica serves jobs, not one output."""
 
     name: str
+    process: tuple[str, int] | None  # (node id, pid) of the process that commits its shards, once it is up
 
     def start(self) -> None: ...
 
@@ -115,7 +116,7 @@ class ReplicaHandle(Protocol):
 
     def collect(self, ready: set, now: float) -> list[Outcome]: ...
 
-    def kill(self) -> list: ...  # refs that resolve once the replica is gone ([] where there are none)
+    def kill(self) -> list: ...  # refs that resolve once Ray has it dead ([] where there are none)
 
 
 Wait = Callable[[list, float], Iterable]  # (waitables, timeout s) -> the ready ones

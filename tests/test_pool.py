@@ -33,3 +33,49 @@ def test_jobs_run_one_after_another_on_one_pool_load_the_model_once(ray_local, t
         out = read_output(tmp_path / f"out-{i}")
         texts = dict(zip(out.column("id").to_pylist(), out.column("output_text").to_pylist()))
         assert len(texts) == 10 and texts == engine_reproduction(cfg, tmp_path / f"out-{i}")
+
+
+def test_after_a_pool_kills_its_replicas_none_of_their_processes_writes_again(ray_local, tmp_path):
+    """Ray's quirk, worked around in `pool.wait_exited`: a killed actor's refs fail before its process has
+    exited, and a thread of it goes on writing meanwhile (a replica's commit landed after the driver had
+    counted them). Here an actor writes a file every moment on a thread; once the pool's wait returns, no
+    file may appear."""
+    import os
+    import time
+
+    from dgbatch.pool import wait_exited
+
+    @ray_local.remote
+    class Writer:
+        def go(self, folder: str) -> dict:
+            import threading
+
+            from dgbatch.replica import this_process
+
+            def loop():
+                n = 0
+                while True:
+                    n += 1
+                    with open(f"{folder}/{n}.tmp", "w") as f:
+                        f.write("x")
+                    os.rename(f"{folder}/{n}.tmp", f"{folder}/{n}")
+
+            threading.Thread(target=loop, daemon=True).start()
+            return this_process()
+
+        def ping(self) -> None:
+            pass
+
+    for attempt in range(3):
+        folder = tmp_path / str(attempt)
+        folder.mkdir()
+        w = Writer.remote()
+        me = ray_local.get(w.go.remote(str(folder)))
+        while len(os.listdir(folder)) < 50:
+            time.sleep(0.01)
+        ray_local.kill(w)
+        ray_local.wait([w.ping.remote()], timeout=10)
+        wait_exited(ray_local, [(me["node_id"], me["pid"])], time.time() + 10)
+        written = set(os.listdir(folder))
+        time.sleep(0.5)
+        assert set(os.listdir(folder)) == written, "a killed replica's process wrote after the pool's wait"

@@ -29,6 +29,7 @@ class FakeReplica:
 
     def __init__(self, name: str, polls: int = 1, script: dict[str, list[str]] | None = None, stuck: int = 0):
         self.name = name
+        self.process = None  # no process to wait for
         self.stuck = stuck
         self.polls = polls
         self.script = script or {}
