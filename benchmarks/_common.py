@@ -252,14 +252,15 @@ def demo_input(path: Path, rows: int, seed: int) -> Path:
     return path
 
 
-def cli_job(overrides: Sequence[str], log_path: Path, timeout: float, config: Path = DEMO_CONFIG) -> dict:
+def cli_job(overrides: Sequence[str], log_path: Path, timeout: float, config: Path = DEMO_CONFIG,
+            env: dict | None = None) -> dict:
     """`dgbatch run CONFIG OVERRIDES` in a fresh process: its wall time (spawn to exit), its summary, and the
     start-up breakdown the driver logs (seconds since the driver process started)."""
     output = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("output.path=")))
     shutil.rmtree(output, ignore_errors=True)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "dgbatch.cli", "run", str(config), *overrides], check=False,
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     wall = time.perf_counter() - t0
     log_path.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:

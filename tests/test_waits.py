@@ -54,8 +54,15 @@ def test_a_replica_no_node_can_hold_fails_at_once_naming_what_it_asks_and_what_t
     assert not replica_actors(ray_local)  # none was created
 
 
+@pytest.mark.parametrize("extra, asked", [
+    (["replicas.num_cpus=2"], "each replica asks for {CPU: 2}"),
+    # a parallel replica: its placement group of two 1-CPU ranks is what waits, then is removed
+    (["replicas.num_cpus=1", *TP2], "each replica asks for {CPU: 1} (replicas.num_cpus) per rank, 2 ranks"),
+], ids=["one replica", "a 2-rank replica"])
 def test_a_replica_that_could_be_placed_but_finds_the_cluster_busy_waits_its_timeout_then_names_what_is_missing(
-        ray_local, tmp_path, toy_model_dir, capsys):
+        ray_local, tmp_path, toy_model_dir, capsys, extra, asked):
+    from ray.util import placement_group_table
+
     @ray_local.remote(num_cpus=1)
     class Holder:
         def ready(self) -> bool:
@@ -64,14 +71,15 @@ def test_a_replica_that_could_be_placed_but_finds_the_cluster_busy_waits_its_tim
     holder = Holder.remote()  # another job's actor holds one of the two CPUs
     try:
         ray_local.get(holder.ready.remote(), timeout=60)
-        code, err = run(capsys, *job_args(tmp_path, toy_model_dir, "replicas.num_cpus=2",
-                                          "replicas.placement_timeout_s=2"))
+        code, err = run(capsys, *job_args(tmp_path, toy_model_dir, *extra, "replicas.placement_timeout_s=2"))
     finally:
         ray_local.kill(holder)
     line = error_line(code, err)
-    assert "replica 0 was not placed in 2 s (replicas.placement_timeout_s): each replica asks for {CPU: 2}" in line
+    assert f"replica 0 was not placed in 2 s (replicas.placement_timeout_s): {asked}" in line, line
     assert "free in the cluster now: {CPU: 1} of {CPU: 2}; short of CPU" in line, line
-    assert not replica_actors(ray_local)  # the waiting actor was removed
+    assert not replica_actors(ray_local)  # the waiting actors were removed
+    pending = [g["name"] for g in placement_group_table().values() if g["state"] == "PENDING"]
+    assert not pending, pending  # and a group's placement group with them
 
 
 def corrupt_checkpoint(tmp_path, toy_model_dir):
