@@ -48,16 +48,17 @@ def cluster(kind: str) -> Iterator[tuple[list[str], dict | None]]:
     from dgbatch.replica import REPLICA_IMPORTS
 
     tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # Ray's socket paths must stay short
-    env = {**os.environ, "RAY_TMPDIR": tmp}
+    env = {**os.environ, "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "token"}  # as tests/test_job_submit.py's head
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray_bin = str(Path(sys.executable).parent / "ray")
-    start = [ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(port), "--node-ip-address", "127.0.0.1",
-             "--include-dashboard", "false", "--disable-usage-stats"]
+    start = [ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(port), "--include-dashboard", "false",
+             "--disable-usage-stats"]
     if kind == "standing-preload":
         start += ["--system-config", json.dumps({"preload_python_modules": list(REPLICA_IMPORTS)})]
     try:
+        subprocess.run([ray_bin, "get-auth-token", "--generate"], check=True, env=env, capture_output=True, timeout=60)
         subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
         time.sleep(5)  # the head's own start-up is not the job's
         yield [f"ray.address=127.0.0.1:{port}"], env
