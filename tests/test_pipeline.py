@@ -193,7 +193,7 @@ def test_interrupted_driver_resumes_only_remaining_shards(tmp_path, toy_model_di
     import sys
 
     # Long answers (count) in many small shards, so the run is still going when it is interrupted.
-    prompts = [e.prompt for e in sample_examples(200, 3, tasks=("count",))]
+    prompts = [e.prompt for e in sample_examples(48, 3, tasks=("count",))]
     path = write_prompts(tmp_path / "in.parquet", prompts)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "dgbatch.cli", "run", str(REPO / "configs" / "demo.yaml"),
